@@ -1,0 +1,413 @@
+"""Reading BOFT files: format detection, parsing and validation.
+
+Formats (``../shared/docs/boft-formats.md``):
+
+* ``lycoris-boft``: ``<name>.oft_blocks`` (m, nb, b, b), ``<name>.alpha`` (raw constraint,
+  missing in LyCORIS 2.1.x files: 0), optional ``<name>.rescale`` (out, 1, ...). Rotates outputs.
+* ``lycoris-diag-oft``: ``<name>.oft_blocks`` (nb, b, b): one stage of contiguous blocks, applied
+  transposed. Rotates outputs.
+* ``peft-boft``: ``base_model.model.<path>.boft_R`` (m, nb, b, b) + ``.boft_s`` ((out, 1) linear,
+  (1, out) conv) [+ ``.base_layer.bias``], with ``adapter_config.json`` beside. Rotates inputs.
+* ``kohya-boft``: sd-scripts ``networks.boft``: ``lora_unet_...``/``lora_te..._`` + ``boft_R`` /
+  ``boft_s`` (out, 1). PEFT's math. Rotates inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+
+import torch
+
+from .butterfly import CONCATENATED, INTERLEAVED, check_butterfly_shape
+
+FORMATS = ("lycoris-boft", "lycoris-diag-oft", "peft-boft", "kohya-boft")
+PEFT_PREFIX = "base_model.model."
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class BoftError(ValueError):
+    """A user-facing problem with a BOFT file or its use; the message says what and where."""
+
+
+@dataclass
+class BoftLayer:
+    """One adapted layer, in the file's own convention. Tensors keep the stored dtype."""
+
+    name: str  # layer name as written, without the key suffix (and without PEFT's prefix)
+    kind: str  # one of FORMATS
+    blocks: torch.Tensor  # (m, nb, b, b) raw parameters; diag-OFT gets m = 1
+    alpha: float = 0.0  # raw LyCORIS constraint; threshold = alpha * out_dim; 0 = off
+    scale: torch.Tensor | None = None  # (out,): LyCORIS rescale or PEFT/kohya boft_s
+    bias: torch.Tensor | None = None  # PEFT bias trained with bias="boft_only"/"all"
+    keys: tuple[str, ...] = ()  # the file's keys this layer consumed
+
+    @property
+    def side(self) -> str:
+        """``"out"``: W' = scale * B W; ``"in"``: W' = scale * W Bᵀ (W flattened to 2-D)."""
+        return "in" if self.kind in ("peft-boft", "kohya-boft") else "out"
+
+    @property
+    def layout(self) -> str:
+        return INTERLEAVED if self.kind == "lycoris-boft" else CONCATENATED
+
+    @property
+    def m(self) -> int:
+        return self.blocks.shape[0]
+
+    @property
+    def block_num(self) -> int:
+        return self.blocks.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.blocks.shape[2]
+
+    @property
+    def dim(self) -> int:
+        """Rows the butterfly acts on: out_dim (output side) or flattened in_dim (input side)."""
+        return self.block_num * self.block_size
+
+
+@dataclass
+class BoftFile:
+    path: str
+    format: str
+    layers: dict[str, BoftLayer]
+    metadata: dict[str, str] = field(default_factory=dict)
+    config: dict | None = None  # PEFT adapter_config.json
+
+    @property
+    def dtype(self) -> str:
+        names = sorted({str(layer.blocks.dtype).replace("torch.", "") for layer in self.layers.values()})
+        return "/".join(names)
+
+    @property
+    def parameter_count(self) -> int:
+        total = 0
+        for layer in self.layers.values():
+            total += layer.blocks.numel()
+            total += layer.scale.numel() if layer.scale is not None else 0
+            total += layer.bias.numel() if layer.bias is not None else 0
+        return total
+
+    def trigger_words(self) -> list[tuple[str, int]]:
+        return trigger_words(self.metadata)
+
+
+def trigger_words(metadata: dict[str, str]) -> list[tuple[str, int]]:
+    """Tags from kohya's ``ss_tag_frequency`` summed over datasets, most frequent first."""
+    raw = metadata.get("ss_tag_frequency")
+    if not raw:
+        return []
+    try:
+        datasets = json.loads(raw)
+    except json.JSONDecodeError:
+        return []
+    counts: dict[str, int] = {}
+    if not isinstance(datasets, dict):
+        return []
+    for tags in datasets.values():
+        if not isinstance(tags, dict):
+            continue
+        for tag, count in tags.items():
+            tag = str(tag).strip()
+            if tag and isinstance(count, (int, float)):
+                counts[tag] = counts.get(tag, 0) + int(count)
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+def resolve_path(path: str) -> tuple[str, str | None]:
+    """The safetensors file and the PEFT ``adapter_config.json`` beside it (if any)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        candidate = os.path.join(path, "adapter_model.safetensors")
+        if not os.path.isfile(candidate):
+            raise BoftError(
+                f"{path}: is a folder without adapter_model.safetensors; give a BOFT .safetensors "
+                "file or a PEFT adapter folder."
+            )
+        path = candidate
+    elif not os.path.isfile(path):
+        raise BoftError(f"{path}: no such file.")
+    config = os.path.join(os.path.dirname(path), "adapter_config.json")
+    return path, config if os.path.isfile(config) else None
+
+
+def read_header(path: str) -> tuple[dict, dict[str, str]]:
+    """The safetensors header (tensor entries) and its ``__metadata__``, checked against the file size.
+
+    Reads only the header, so it is cheap enough for file pickers and upload checks.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise BoftError(f"{path}: not a safetensors file (only {size} bytes).")
+        (n,) = struct.unpack("<Q", head)
+        if n < 2 or n > MAX_HEADER or 8 + n > size:
+            hint = " (a pickled .ckpt/.pt/.bin file?)" if head[:2] in (b"PK", b"\x80\x02") else ""
+            raise BoftError(
+                f"{path}: not a readable safetensors file{hint}: header length {n} does not fit "
+                f"the file size {size}. Only .safetensors BOFT files are supported; the file may "
+                "also be truncated."
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BoftError(f"{path}: corrupt safetensors header ({e}).") from None
+    if not isinstance(header, dict):
+        raise BoftError(f"{path}: corrupt safetensors header (not a JSON object).")
+    metadata = header.pop("__metadata__", None) or {}
+    end = 0
+    for key, entry in header.items():
+        try:
+            start, stop = entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise BoftError(f"{path}: corrupt safetensors header entry for key {key!r}.") from None
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise BoftError(
+            f"{path}: truncated: the header promises {8 + n + end} bytes, the file has {size}."
+        )
+    return header, {str(k): str(v) for k, v in metadata.items()}
+
+
+def load_tensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # safetensors raises its own error types; the user needs the file name
+        raise BoftError(f"{path}: cannot read tensors: {e}") from None
+
+
+def load(path: str) -> BoftFile:
+    """Read a BOFT file (or PEFT adapter folder), detect its format and validate every layer."""
+    path, config_path = resolve_path(path)
+    lowered = path.lower()
+    if not lowered.endswith(".safetensors"):
+        raise BoftError(
+            f"{path}: only .safetensors files are supported (pickled .ckpt/.pt/.bin files can run "
+            "code when loaded); convert it to safetensors first."
+        )
+    header, metadata = read_header(path)
+    config = None
+    if config_path is not None:
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise BoftError(f"{config_path}: cannot read the PEFT config: {e}") from None
+    fmt = detect_format(path, list(header), metadata, config)
+    tensors = load_tensors(path)
+    layers = PARSERS[fmt](path, tensors)
+    if not layers:
+        raise BoftError(f"{path}: no BOFT layers found.")
+    for layer in layers.values():
+        check_finite(path, layer)
+    kinds = {layer.kind for layer in layers.values()}
+    fmt = kinds.pop() if len(kinds) == 1 else fmt  # a LyCORIS file of only 3-D blocks is diag-OFT
+    return BoftFile(path=path, format=fmt, layers=layers, metadata=metadata, config=config)
+
+
+# --- detection ---------------------------------------------------------------------------------
+
+OTHER_FORMATS = (
+    (".lora_up.weight", "a LoRA (lora_up/lora_down)"),
+    (".lora_down.weight", "a LoRA (lora_up/lora_down)"),
+    (".lora_A.weight", "a PEFT LoRA (lora_A/lora_B)"),
+    (".lora_B.weight", "a PEFT LoRA (lora_A/lora_B)"),
+    (".hada_w1_a", "a LyCORIS LoHa"),
+    (".lokr_w1", "a LyCORIS LoKr"),
+    (".lokr_w1_a", "a LyCORIS LoKr"),
+    (".oft_R.weight", "a PEFT OFT adapter (oft_R)"),
+    (".oft_r", "a PEFT OFT adapter (oft_r)"),
+    (".w_norm", "a LyCORIS norm adapter"),
+    (".diff", "a LyCORIS full-weight diff"),
+)
+
+
+def detect_format(path: str, keys: list[str], metadata: dict, config: dict | None) -> str:
+    """Exactly one of FORMATS, or a BoftError saying what the file is instead."""
+    oft = [k for k in keys if k.endswith(".oft_blocks")]
+    boft_r = [k for k in keys if k.endswith(".boft_R")]
+    if config is not None and str(config.get("peft_type", "")).upper() not in ("", "BOFT"):
+        raise BoftError(
+            f"{path}: the adapter_config.json beside it says peft_type {config.get('peft_type')!r}; "
+            "only BOFT adapters are supported."
+        )
+    if oft and boft_r:
+        raise BoftError(
+            f"{path}: mixes LyCORIS keys ({oft[0]}) and PEFT/kohya keys ({boft_r[0]}); one file "
+            "must hold one format."
+        )
+    if oft:
+        if any(k.startswith(("oft_unet_", "oft_te")) for k in oft):
+            raise BoftError(
+                f"{path}: looks like a kohya sd-scripts OFT file (networks.oft, key {oft[0]}), "
+                "which is not BOFT and is not supported by this pack."
+            )
+        return "lycoris-boft"  # diag-OFT blocks are told apart per layer by ndim, see parse_lycoris
+    if boft_r:
+        module = metadata.get("ss_network_module", "")
+        if module == "networks.boft" or not boft_r[0].startswith(PEFT_PREFIX):
+            return "kohya-boft"
+        return "peft-boft"
+    for suffix, what in OTHER_FORMATS:
+        hit = next((k for k in keys if k.endswith(suffix)), None)
+        if hit is not None:
+            raise BoftError(
+                f"{path}: this is {what} (key {hit}), not a BOFT adapter. Load it with a LoRA "
+                "loader; this pack reads LyCORIS BOFT/diag-OFT (oft_blocks) and PEFT/kohya BOFT "
+                "(boft_R/boft_s)."
+            )
+    sample = ", ".join(keys[:3]) or "no tensors at all"
+    raise BoftError(
+        f"{path}: no BOFT keys found (expected '<layer>.oft_blocks' or '<layer>.boft_R'; the file "
+        f"has {len(keys)} keys, e.g. {sample})."
+    )
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+
+def _group(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """{layer name: {suffix: tensor}} for keys ending in one of ``suffixes``; and the rest."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    rest = []
+    for key, value in tensors.items():
+        for suffix in suffixes:
+            if key.endswith("." + suffix):
+                layers.setdefault(key[: -len(suffix) - 1], {})[suffix] = value
+                break
+        else:
+            rest.append(key)
+    return layers, rest
+
+
+def _refuse_leftovers(path: str, rest: list[str], what: str) -> None:
+    if rest:
+        shown = ", ".join(sorted(rest)[:5])
+        raise BoftError(
+            f"{path}: {len(rest)} key(s) are not part of a {what} layer (e.g. {shown}); mixed "
+            "adapter files are not supported, and skipping keys silently would apply half an "
+            "adapter."
+        )
+
+
+def _blocks(path: str, key: str, value: torch.Tensor, layout: str, ndim: int = 4) -> torch.Tensor:
+    shape = tuple(value.shape)
+    if not value.is_floating_point():
+        raise BoftError(f"{path}: {key} has dtype {value.dtype}; expected a float tensor.")
+    if value.ndim != ndim or shape[-1] != shape[-2]:
+        want = "(m, block_num, b, b)" if ndim == 4 else "(block_num, b, b)"
+        raise BoftError(f"{path}: {key} has shape {shape}; expected {want} with square blocks.")
+    blocks = value if ndim == 4 else value.unsqueeze(0)
+    why = check_butterfly_shape(*blocks.shape[:3], layout)
+    if why:
+        raise BoftError(f"{path}: {key} has shape {shape}, which cannot be a butterfly: {why}.")
+    return blocks
+
+
+def _vector(path: str, key: str, value: torch.Tensor, size: int | None, what: str) -> torch.Tensor:
+    """A per-channel tensor stored as (n,), (n, 1, ...), (1, n) or (blocks, b, 1), flattened."""
+    if not value.is_floating_point():
+        raise BoftError(f"{path}: {key} has dtype {value.dtype}; expected a float tensor.")
+    nontrivial = [d for d in value.shape if d != 1]
+    flat_ok = len(nontrivial) <= 1 or (value.ndim == 3 and value.shape[-1] == 1)
+    if not flat_ok or (size is not None and value.numel() != size):
+        want = f"{size} values" if size is not None else "one value per channel"
+        raise BoftError(
+            f"{path}: {key} has shape {tuple(value.shape)}; expected {what} with {want}."
+        )
+    return value.reshape(-1)
+
+
+def parse_lycoris(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, BoftLayer]:
+    groups, rest = _group(tensors, ("oft_blocks", "alpha", "rescale"))
+    layers = {}
+    for name, parts in groups.items():
+        if "oft_blocks" not in parts:
+            rest.extend(f"{name}.{s}" for s in parts)
+            continue
+        key = f"{name}.oft_blocks"
+        raw = parts["oft_blocks"]
+        if raw.ndim == 3:
+            kind, blocks = "lycoris-diag-oft", _blocks(path, key, raw, CONCATENATED, ndim=3)
+        elif raw.ndim == 4:
+            kind, blocks = "lycoris-boft", _blocks(path, key, raw, INTERLEAVED)
+        else:
+            raise BoftError(
+                f"{path}: {key} has shape {tuple(raw.shape)}; expected 4-D (BOFT: m, block_num, b, b) "
+                "or 3-D (diag-OFT: block_num, b, b)."
+            )
+        alpha = 0.0
+        if "alpha" in parts:
+            a = parts["alpha"]
+            if a.numel() != 1:
+                raise BoftError(f"{path}: {name}.alpha has shape {tuple(a.shape)}; expected a scalar.")
+            alpha = float(a.float().item())
+        scale = None
+        if "rescale" in parts:
+            n = blocks.shape[1] * blocks.shape[2]
+            scale = _vector(path, f"{name}.rescale", parts["rescale"], n, "a per-output-channel scale")
+        layers[name] = BoftLayer(
+            name=name, kind=kind, blocks=blocks, alpha=alpha, scale=scale,
+            keys=tuple(f"{name}.{s}" for s in parts),
+        )
+    _refuse_leftovers(path, rest, "LyCORIS BOFT")
+    return layers
+
+
+def _parse_boft_r(path: str, tensors: dict[str, torch.Tensor], kind: str) -> dict[str, BoftLayer]:
+    groups, rest = _group(tensors, ("boft_R", "boft_s", "base_layer.bias"))
+    layers = {}
+    for name, parts in groups.items():
+        if "boft_R" not in parts:
+            rest.extend(f"{name}.{s}" for s in parts)
+            continue
+        key = f"{name}.boft_R"
+        blocks = _blocks(path, key, parts["boft_R"], CONCATENATED)
+        if "boft_s" not in parts:
+            raise BoftError(f"{path}: {key} has no matching {name}.boft_s (the output scale).")
+        scale = _vector(path, f"{name}.boft_s", parts["boft_s"], None, "(out, 1) or (1, out)")
+        bias = parts.get("base_layer.bias")
+        if bias is not None:
+            bias = _vector(path, f"{name}.base_layer.bias", bias, scale.numel(), "a bias")
+        short = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+        layers[short] = BoftLayer(
+            name=short, kind=kind, blocks=blocks, scale=scale, bias=bias,
+            keys=tuple(f"{name}.{s}" for s in parts),
+        )
+    _refuse_leftovers(path, rest, "BOFT (boft_R/boft_s)")
+    return layers
+
+
+def parse_peft(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, BoftLayer]:
+    return _parse_boft_r(path, tensors, "peft-boft")
+
+
+def parse_kohya(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, BoftLayer]:
+    return _parse_boft_r(path, tensors, "kohya-boft")
+
+
+PARSERS = {"lycoris-boft": parse_lycoris, "peft-boft": parse_peft, "kohya-boft": parse_kohya}
+
+
+def check_finite(path: str, layer: BoftLayer) -> None:
+    parts = {"blocks": layer.blocks, "scale": layer.scale, "bias": layer.bias}
+    for what, value in parts.items():
+        if value is not None and not torch.isfinite(value).all():
+            raise BoftError(
+                f"{path}: layer {layer.name}: its {what} tensor ({', '.join(layer.keys)}) contains "
+                "NaN or infinite values; the file is broken."
+            )
+    if not torch.isfinite(torch.tensor(layer.alpha)):
+        raise BoftError(f"{path}: {layer.name}.alpha is not finite; the file is broken.")

@@ -1,0 +1,192 @@
+"""Merging a BOFT layer into a weight, in three strength modes, plus the forward-time form.
+
+Modes (``s`` = strength):
+
+* ``lycoris``: what LyCORIS's ``merge_to(s)`` computes: every stage's blocks blended
+  ``s*R + (1-s)*I``, rescale applied at every ``s`` (so ``s = 0`` gives ``rescale * W``).
+  For PEFT/kohya files: the same per-stage blend in their convention, ``boft_s`` always applied.
+* ``linear``: ``W + s*(W'(1) - W)``: LyCORIS's "precise" merge and kohya's own strength.
+* ``orthogonal``: every block is ``cayley(s*Q)``, a rotation for every ``s`` (``s = -1`` is the
+  inverse rotation); the scale is ``1 + s*(scale - 1)``; ``s = 0`` gives ``W`` exactly.
+
+All modes agree at ``s = 1``. Computation runs in float32 (float64 for float64 weights) and the
+result has the weight's own dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .butterfly import apply_stages, cayley
+from .formats import BoftError, BoftLayer
+
+MODES = ("lycoris", "linear", "orthogonal")
+
+
+def generators(layer: BoftLayer, dtype=torch.float32) -> torch.Tensor:
+    """Skew-symmetric ``Q`` (m, nb, b, b) with ``R = (I + Q)(I - Q)^-1`` in ``layer.layout``.
+
+    LyCORIS BOFT: ``Q = A - Aᵀ``; diag-OFT applies ``Rᵀ = cayley(-Q)``; PEFT/kohya:
+    ``(I - S)(I + S)^-1`` with ``S = (A - Aᵀ)/2`` is ``cayley(-S)``. The LyCORIS constraint
+    rescales the whole tensor to Frobenius norm ``alpha * out_dim`` when it is larger.
+    """
+    a = layer.blocks.to(dtype)
+    q = a - a.transpose(-1, -2)
+    if layer.kind == "lycoris-diag-oft":
+        q = -q
+    elif layer.kind in ("peft-boft", "kohya-boft"):
+        q = q * -0.5
+    threshold = layer.alpha * layer.dim
+    if threshold > 0:
+        norm = torch.linalg.vector_norm(q) + 1e-8
+        if norm > threshold:
+            q = q * (threshold / norm)
+    return q
+
+
+@dataclass
+class Patch:
+    """One layer ready to apply at a fixed strength and mode; cache it, it holds no weight."""
+
+    name: str
+    side: str  # "out" or "in", see BoftLayer.side
+    layout: str
+    rotations: torch.Tensor  # (m, nb, b, b) orthogonal blocks, strength already folded in
+    scale: torch.Tensor | None  # (out,)
+    blend: float | None  # linear mode: W + blend * (W' - W); None otherwise
+    bias: torch.Tensor | None = None  # PEFT trained bias, blended by strength
+
+
+def prepare(layer: BoftLayer, strength: float = 1.0, mode: str = "lycoris",
+            dtype=torch.float32) -> Patch:
+    """Rotations and scale for ``layer`` at ``strength`` in ``mode`` (see the module docstring)."""
+    if mode not in MODES:
+        raise BoftError(f"unknown strength mode {mode!r}; expected one of {', '.join(MODES)}.")
+    strength = float(strength)
+    q = generators(layer, dtype)
+    scale = None if layer.scale is None else layer.scale.to(dtype)
+    blend = None
+    if mode == "orthogonal":
+        rotations = cayley(q * strength)
+        if scale is not None:
+            scale = 1 + strength * (scale - 1)
+    else:
+        rotations = cayley(q)
+        if mode == "linear":
+            blend = strength
+        elif strength != 1:
+            eye = torch.eye(rotations.shape[-1], dtype=dtype, device=rotations.device)
+            rotations = strength * rotations + (1 - strength) * eye
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    return Patch(layer.name, layer.side, layer.layout, rotations, scale, blend, bias)
+
+
+def _check(patch: Patch, rows: int, cols: int, shape) -> None:
+    n = patch.rotations.shape[1] * patch.rotations.shape[2]
+    dim, what = (rows, "output channels") if patch.side == "out" else (cols, "input features")
+    if dim != n or (patch.scale is not None and patch.scale.numel() != rows):
+        scale = "" if patch.scale is None else f" and a scale of {patch.scale.numel()} channels"
+        raise BoftError(
+            f"layer {patch.name}: the weight has shape {tuple(shape)} ({dim} {what}), but the "
+            f"adapter's butterfly has {n} rows{scale}. The adapter was made for another model."
+        )
+
+
+def _rotate(patch: Patch, flat: torch.Tensor) -> torch.Tensor:
+    """``scale * B W`` (output side) or ``scale * W Bᵀ`` (input side) on a 2-D weight."""
+    if patch.side == "out":
+        new = apply_stages(flat, patch.rotations, patch.layout)
+    else:
+        new = apply_stages(flat.t(), patch.rotations, patch.layout).t()
+    if patch.scale is not None:
+        new = new * patch.scale.unsqueeze(1)
+    return new
+
+
+def apply(patch: Patch, weight: torch.Tensor) -> torch.Tensor:
+    """The merged weight ``W'`` for any real weight (linear 2-D, conv 3-D/4-D); same dtype."""
+    if patch.blend == 0:
+        return weight.clone()
+    compute = torch.promote_types(weight.dtype, patch.rotations.dtype)
+    flat = weight.to(compute).reshape(weight.shape[0], -1)
+    _check(patch, flat.shape[0], flat.shape[1], weight.shape)
+    new = _rotate(patch, flat)
+    if patch.blend is not None:
+        new = flat + patch.blend * (new - flat)
+    return new.reshape(weight.shape).to(weight.dtype)
+
+
+def merge_weight(weight: torch.Tensor, layer: BoftLayer, strength: float = 1.0,
+                 mode: str = "lycoris") -> torch.Tensor:
+    """``W'`` for ``layer`` at ``strength`` in ``mode``; see :func:`prepare` and :func:`apply`."""
+    return apply(prepare(layer, strength, mode), weight)
+
+
+def merge_bias(bias: torch.Tensor | None, patch: Patch, strength: float) -> torch.Tensor | None:
+    """PEFT's trained bias replaces the layer's at s = 1; ``b + s*(b_trained - b)`` otherwise."""
+    if patch.bias is None:
+        return bias
+    if bias is None:
+        return (patch.bias * strength).to(patch.bias.dtype)
+    if bias.shape != patch.bias.shape:
+        raise BoftError(
+            f"layer {patch.name}: the trained bias has {patch.bias.numel()} values, the layer's "
+            f"bias has shape {tuple(bias.shape)}."
+        )
+    b = bias.to(patch.bias.dtype)
+    return (b + strength * (patch.bias - b)).to(bias.dtype)
+
+
+def _rotate_channels(patch: Patch, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    moved = y.movedim(channel_dim, 0)
+    flat = moved.reshape(moved.shape[0], -1)
+    out = apply_stages(flat, patch.rotations, patch.layout)
+    if patch.scale is not None:
+        out = out * patch.scale.unsqueeze(1)
+    return out.reshape(moved.shape).movedim(0, channel_dim)
+
+
+def bypass_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   patch: Patch, **conv_args) -> torch.Tensor:
+    """The layer's output with the adapter applied at run time, without rewriting ``weight``.
+
+    Output side (LyCORIS): ``y = scale * B (W x + bias)``; like LyCORIS's ``bypass_forward`` it
+    rotates the bias too. Input side (PEFT/kohya, linear layers): ``y = scale * W (Bᵀ x) + bias``.
+    ``weight.ndim > 2`` means a convolution (``conv_args`` go to it). Equal to the merge when
+    ``bias`` is None.
+    """
+    compute = torch.promote_types(x.dtype, patch.rotations.dtype)
+    x, weight = x.to(compute), weight.to(compute)
+    bias = None if bias is None else bias.to(compute)
+    conv = weight.ndim > 2
+    if conv:
+        op = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.ndim]
+        def forward(inp, w, b):
+            return op(inp, w, b, **conv_args)
+    else:
+        forward = F.linear
+    flat = weight.reshape(weight.shape[0], -1)
+    _check(patch, flat.shape[0], flat.shape[1], weight.shape)
+    base = forward(x, weight, bias)
+    if patch.side == "out":
+        new = _rotate_channels(patch, base, 1 if conv else -1)
+    elif conv:
+        raise BoftError(
+            f"layer {patch.name}: an input-side (PEFT/kohya) BOFT on a convolution mixes kernel "
+            "positions and has no forward-time form; merge it into the weight instead."
+        )
+    else:
+        # W Bᵀ x: rotate the input features by Bᵀ, as row vectors x B.
+        rows = x.reshape(-1, x.shape[-1]).t()
+        rotated = apply_stages(rows, patch.rotations, patch.layout, transpose=True).t()
+        new = F.linear(rotated.reshape(x.shape), weight)
+        if patch.scale is not None:
+            new = new * patch.scale
+        if bias is not None:
+            new = new + bias
+    if patch.blend is not None:
+        new = base + patch.blend * (new - base)
+    return new
