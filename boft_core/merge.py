@@ -111,6 +111,7 @@ def apply(patch: Patch, weight: torch.Tensor) -> torch.Tensor:
     if patch.blend == 0:
         return weight.clone()
     compute = torch.promote_types(weight.dtype, patch.rotations.dtype)
+    patch = _in_dtype(patch, compute)
     flat = weight.to(compute).reshape(weight.shape[0], -1)
     _check(patch, flat.shape[0], flat.shape[1], weight.shape)
     new = _rotate(patch, flat)
@@ -122,7 +123,17 @@ def apply(patch: Patch, weight: torch.Tensor) -> torch.Tensor:
 def merge_weight(weight: torch.Tensor, layer: BoftLayer, strength: float = 1.0,
                  mode: str = "lycoris") -> torch.Tensor:
     """``W'`` for ``layer`` at ``strength`` in ``mode``; see :func:`prepare` and :func:`apply`."""
-    return apply(prepare(layer, strength, mode), weight)
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    return apply(prepare(layer, strength, mode, dtype=dtype), weight)
+
+
+def _in_dtype(patch: Patch, dtype) -> Patch:
+    if patch.rotations.dtype == dtype:
+        return patch
+    def cast(t):
+        return None if t is None else t.to(dtype)
+    return Patch(patch.name, patch.side, patch.layout, cast(patch.rotations), cast(patch.scale),
+                 patch.blend, cast(patch.bias))
 
 
 def merge_bias(bias: torch.Tensor | None, patch: Patch, strength: float) -> torch.Tensor | None:
@@ -159,6 +170,7 @@ def bypass_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     ``bias`` is None.
     """
     compute = torch.promote_types(x.dtype, patch.rotations.dtype)
+    patch = _in_dtype(patch, compute)
     x, weight = x.to(compute), weight.to(compute)
     bias = None if bias is None else bias.to(compute)
     conv = weight.ndim > 2
