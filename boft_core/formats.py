@@ -210,8 +210,6 @@ def load(path: str) -> BoftFile:
     layers = PARSERS[fmt](path, tensors)
     if not layers:
         raise BoftError(f"{path}: no BOFT layers found.")
-    for layer in layers.values():
-        check_finite(path, layer)
     kinds = {layer.kind for layer in layers.values()}
     fmt = kinds.pop() if len(kinds) == 1 else fmt  # a LyCORIS file of only 3-D blocks is diag-OFT
     return BoftFile(path=path, format=fmt, layers=layers, metadata=metadata, config=config)
@@ -330,6 +328,52 @@ def _vector(path: str, key: str, value: torch.Tensor, size: int | None, what: st
     return value.reshape(-1)
 
 
+def lycoris_layer(path: str, name: str, parts: dict[str, torch.Tensor]) -> BoftLayer:
+    """One LyCORIS layer from its tensors by suffix (``oft_blocks``, ``alpha``, ``rescale``)."""
+    key = f"{name}.oft_blocks"
+    raw = parts["oft_blocks"]
+    if raw.ndim == 3:
+        kind, blocks = "lycoris-diag-oft", _blocks(path, key, raw, CONCATENATED, ndim=3)
+    elif raw.ndim == 4:
+        kind, blocks = "lycoris-boft", _blocks(path, key, raw, INTERLEAVED)
+    else:
+        raise BoftError(
+            f"{path}: {key} has shape {tuple(raw.shape)}; expected 4-D (BOFT: m, block_num, b, b) "
+            "or 3-D (diag-OFT: block_num, b, b)."
+        )
+    alpha = 0.0
+    if parts.get("alpha") is not None:
+        a = parts["alpha"]
+        if a.numel() != 1:
+            raise BoftError(f"{path}: {name}.alpha has shape {tuple(a.shape)}; expected a scalar.")
+        alpha = float(a.float().item())
+    scale = None
+    if parts.get("rescale") is not None:
+        n = blocks.shape[1] * blocks.shape[2]
+        scale = _vector(path, f"{name}.rescale", parts["rescale"], n, "a per-output-channel scale")
+    layer = BoftLayer(name=name, kind=kind, blocks=blocks, alpha=alpha, scale=scale,
+                      keys=tuple(f"{name}.{s}" for s, v in parts.items() if v is not None))
+    check_finite(path, layer)
+    return layer
+
+
+def boft_r_layer(path: str, name: str, parts: dict[str, torch.Tensor], kind: str) -> BoftLayer:
+    """One PEFT/kohya layer from its tensors by suffix (``boft_R``, ``boft_s``, ``base_layer.bias``)."""
+    key = f"{name}.boft_R"
+    blocks = _blocks(path, key, parts["boft_R"], CONCATENATED)
+    if parts.get("boft_s") is None:
+        raise BoftError(f"{path}: {key} has no matching {name}.boft_s (the output scale).")
+    scale = _vector(path, f"{name}.boft_s", parts["boft_s"], None, "(out, 1) or (1, out)")
+    bias = parts.get("base_layer.bias")
+    if bias is not None:
+        bias = _vector(path, f"{name}.base_layer.bias", bias, scale.numel(), "a bias")
+    short = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+    layer = BoftLayer(name=short, kind=kind, blocks=blocks, scale=scale, bias=bias,
+                      keys=tuple(f"{name}.{s}" for s, v in parts.items() if v is not None))
+    check_finite(path, layer)
+    return layer
+
+
 def parse_lycoris(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, BoftLayer]:
     groups, rest = _group(tensors, ("oft_blocks", "alpha", "rescale"))
     layers = {}
@@ -337,31 +381,7 @@ def parse_lycoris(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, Boft
         if "oft_blocks" not in parts:
             rest.extend(f"{name}.{s}" for s in parts)
             continue
-        key = f"{name}.oft_blocks"
-        raw = parts["oft_blocks"]
-        if raw.ndim == 3:
-            kind, blocks = "lycoris-diag-oft", _blocks(path, key, raw, CONCATENATED, ndim=3)
-        elif raw.ndim == 4:
-            kind, blocks = "lycoris-boft", _blocks(path, key, raw, INTERLEAVED)
-        else:
-            raise BoftError(
-                f"{path}: {key} has shape {tuple(raw.shape)}; expected 4-D (BOFT: m, block_num, b, b) "
-                "or 3-D (diag-OFT: block_num, b, b)."
-            )
-        alpha = 0.0
-        if "alpha" in parts:
-            a = parts["alpha"]
-            if a.numel() != 1:
-                raise BoftError(f"{path}: {name}.alpha has shape {tuple(a.shape)}; expected a scalar.")
-            alpha = float(a.float().item())
-        scale = None
-        if "rescale" in parts:
-            n = blocks.shape[1] * blocks.shape[2]
-            scale = _vector(path, f"{name}.rescale", parts["rescale"], n, "a per-output-channel scale")
-        layers[name] = BoftLayer(
-            name=name, kind=kind, blocks=blocks, alpha=alpha, scale=scale,
-            keys=tuple(f"{name}.{s}" for s in parts),
-        )
+        layers[name] = lycoris_layer(path, name, parts)
     _refuse_leftovers(path, rest, "LyCORIS BOFT")
     return layers
 
@@ -373,19 +393,8 @@ def _parse_boft_r(path: str, tensors: dict[str, torch.Tensor], kind: str) -> dic
         if "boft_R" not in parts:
             rest.extend(f"{name}.{s}" for s in parts)
             continue
-        key = f"{name}.boft_R"
-        blocks = _blocks(path, key, parts["boft_R"], CONCATENATED)
-        if "boft_s" not in parts:
-            raise BoftError(f"{path}: {key} has no matching {name}.boft_s (the output scale).")
-        scale = _vector(path, f"{name}.boft_s", parts["boft_s"], None, "(out, 1) or (1, out)")
-        bias = parts.get("base_layer.bias")
-        if bias is not None:
-            bias = _vector(path, f"{name}.base_layer.bias", bias, scale.numel(), "a bias")
-        short = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-        layers[short] = BoftLayer(
-            name=short, kind=kind, blocks=blocks, scale=scale, bias=bias,
-            keys=tuple(f"{name}.{s}" for s in parts),
-        )
+        layer = boft_r_layer(path, name, parts, kind)
+        layers[layer.name] = layer
     _refuse_leftovers(path, rest, "BOFT (boft_R/boft_s)")
     return layers
 

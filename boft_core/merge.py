@@ -202,3 +202,21 @@ def bypass_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if patch.blend is not None:
         new = base + patch.blend * (new - base)
     return new
+
+
+def check_weight(layer: BoftLayer, shape) -> None:
+    """BoftError unless ``layer`` fits a weight of ``shape``; cheap, for validating before patching."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        raise BoftError(f"layer {layer.name}: the target has shape {shape}, not a linear or conv weight.")
+    rows = shape[0]
+    cols = 1
+    for d in shape[1:]:
+        cols *= d
+    dim, what = (rows, "output channels") if layer.side == "out" else (cols, "input features")
+    if dim != layer.dim or (layer.scale is not None and layer.scale.numel() != rows):
+        scale = "" if layer.scale is None else f" and a scale of {layer.scale.numel()} channels"
+        raise BoftError(
+            f"layer {layer.name}: the weight has shape {shape} ({dim} {what}), but the adapter's "
+            f"butterfly has {layer.dim} rows{scale}. The adapter was made for another model."
+        )
