@@ -1,0 +1,101 @@
+"""Our WeightAdapterBase subclasses: ComfyUI calls them; they delegate to boft_core."""
+
+from __future__ import annotations
+
+import torch
+from comfy.weight_adapter.base import WeightAdapterBase
+
+from ..boft_core import BoftError, BoftLayer, apply, check_weight, prepare
+from ..boft_core.formats import PEFT_PREFIX, boft_r_layer, lycoris_layer
+
+
+class BOFTAdapter(WeightAdapterBase):
+    """Exact BOFT merge for one layer.
+
+    ``weights = (blocks, scale, alpha, kind, mode, name)``: every tensor lives in ``weights`` so
+    that hosts which rebuild adapters as ``type(v)(v.loaded_keys, weights)`` keep working.
+    """
+
+    name = "boft_exact"
+
+    def __init__(self, loaded_keys, weights):
+        self.loaded_keys = loaded_keys
+        self.weights = weights
+        self._patches = {}  # (strength, device, dtype) -> boft_core Patch: one rotation per strength
+
+    @classmethod
+    def from_layer(cls, layer: BoftLayer, mode: str) -> BOFTAdapter:
+        alpha = torch.tensor(layer.alpha, dtype=torch.float64)
+        return cls(set(layer.keys), (layer.blocks, layer.scale, alpha, layer.kind, mode, layer.name))
+
+    @classmethod
+    def load(cls, x, lora, alpha, dora_scale, loaded_keys=None):
+        """Core's ``load_lora`` hook: takes ``oft_blocks`` (LyCORIS) and ``boft_R`` (PEFT/kohya) layers."""
+        if loaded_keys is None:
+            loaded_keys = set()
+        if f"{x}.oft_blocks" in lora:
+            parts = {"oft_blocks": lora[f"{x}.oft_blocks"], "rescale": lora.get(f"{x}.rescale"),
+                     "alpha": None if alpha is None else torch.tensor(float(alpha))}
+            layer = lycoris_layer("LoRA file", x, parts)
+        elif f"{x}.boft_R" in lora:
+            parts = {"boft_R": lora[f"{x}.boft_R"], "boft_s": lora.get(f"{x}.boft_s")}
+            kind = "peft-boft" if x.startswith(PEFT_PREFIX) else "kohya-boft"
+            layer = boft_r_layer("LoRA file", x, parts, kind)
+        else:
+            return None
+        loaded_keys.update(k for k in layer.keys if not k.endswith(".alpha"))
+        adapter = cls.from_layer(layer, "lycoris")
+        adapter.loaded_keys = loaded_keys
+        return adapter
+
+    def layer(self) -> BoftLayer:
+        blocks, scale, alpha, kind, _, name = self.weights
+        return BoftLayer(name=name, kind=kind, blocks=blocks, alpha=float(alpha), scale=scale)
+
+    def patch_for(self, strength: float, device, dtype):
+        """The prepared rotation for this strength, computed once per (strength, device, dtype)."""
+        cache_key = (float(strength), str(device), dtype)
+        patch = self._patches.get(cache_key)
+        if patch is None:
+            layer = self.layer()
+            layer.blocks = layer.blocks.to(device)
+            layer.scale = None if layer.scale is None else layer.scale.to(device)
+            patch = prepare(layer, strength, self.weights[4], dtype=dtype)
+            self._patches[cache_key] = patch
+        return patch
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        layer = self.layer()
+        try:
+            check_weight(layer, weight.shape)
+        except BoftError as e:
+            raise BoftError(f"{key}: {e}") from None
+        dtype = torch.promote_types(intermediate_dtype, torch.float32)
+        new = apply(self.patch_for(strength, weight.device, dtype), weight)
+        # In place: for offset patches ComfyUI keeps the narrowed view's base, not our return value.
+        weight += function(new - weight)
+        return weight
+
+
+class BOFTBiasAdapter(WeightAdapterBase):
+    """PEFT's trained bias (``bias="boft_only"/"all"``): ``b + s * (b_trained - b)``."""
+
+    name = "boft_bias"
+
+    def __init__(self, loaded_keys, weights):
+        self.loaded_keys = loaded_keys
+        self.weights = weights
+
+    @classmethod
+    def load(cls, x, lora, alpha, dora_scale, loaded_keys=None):
+        return None  # only our loader nodes create these; core's load_lora cannot map a bias key
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        trained = self.weights[0].to(weight.device, weight.dtype)
+        if trained.shape != weight.shape:
+            raise BoftError(f"{key}: the trained bias has shape {tuple(trained.shape)}, the layer's "
+                            f"{tuple(weight.shape)}.")
+        weight += function(strength * (trained - weight))
+        return weight

@@ -1,0 +1,80 @@
+"""Adapter layer names -> model weight keys, on top of ComfyUI's own key maps."""
+
+from __future__ import annotations
+
+import re
+
+import comfy.lora
+
+TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
+
+
+def key_maps(model=None, clip=None) -> tuple[dict, dict]:
+    """ComfyUI's own LoRA key maps for the diffusion model and the text encoder(s)."""
+    unet = comfy.lora.model_lora_keys_unet(model.model, {}) if model is not None else {}
+    te = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}) if clip is not None else {}
+    return unet, te
+
+
+def candidates(name: str):
+    """Names ComfyUI's key maps may know this layer by, most specific first.
+
+    Adds what the core maps miss: PEFT ``base_model.model.`` and diffusers ``unet.`` names with the
+    new attention naming (``attn1.to_q``, ``to_out.0``), PEFT text-encoder names, and
+    transformers-5 text-encoder names without ``text_model`` (``lora_te_encoder_layers_...``).
+    """
+    yield name
+    path = name
+    for prefix in ("base_model.model.", "unet.", "transformer."):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+            yield path
+    flat = path.replace(".", "_")
+    if path.startswith(("text_model.", "encoder.layers.")):
+        te = flat if flat.startswith("text_model_") else "text_model_" + flat
+        yield "lora_te_" + te
+        yield "lora_te1_" + te
+        return
+    for prefix in ("text_encoder.", "text_encoder_2."):
+        if path.startswith(prefix):
+            rest = path[len(prefix):].replace(".", "_")
+            rest = rest if rest.startswith("text_model_") else "text_model_" + rest
+            yield ("lora_te2_" if prefix == "text_encoder_2." else "lora_te_") + rest
+            yield "lora_te1_" + rest
+            return
+    for prefix in TE_PREFIXES:
+        if flat.startswith(prefix + "encoder_"):
+            yield prefix + "text_model_" + flat[len(prefix):]
+            return
+    if "." in path:
+        yield "lora_unet_" + flat  # diffusers path; ComfyUI maps its underscored form
+        yield "lycoris_" + flat
+
+
+def resolve(name: str, unet_map: dict, te_map: dict):
+    """("model" | "clip", key) for an adapter layer, or None. ``key`` may be (key, offset)."""
+    for candidate in candidates(name):
+        if candidate in unet_map:
+            return "model", unet_map[candidate]
+        if candidate in te_map:
+            return "clip", te_map[candidate]
+    return None
+
+
+FAMILIES = (
+    (r"single_blocks|double_blocks|single_transformer_blocks|img_attn|txt_attn", "Flux"),
+    (r"joint_blocks|context_block", "SD3"),
+    (r"lora_te2_|text_encoder_2|input_blocks_[4578]_1_transformer_blocks_[1-9]|"
+     r"down_blocks_[12]_attentions_\d_transformer_blocks_[1-9]|add_embedding|label_emb", "SDXL"),
+    (r"input_blocks|output_blocks|down_blocks|up_blocks|middle_block|mid_block", "SD1.x/SD2.x"),
+    (r"text_model|encoder_layers|lora_te", "a text encoder only"),
+)
+
+
+def guess_family(names) -> str:
+    """The model family the adapter's layer names suggest, for error messages."""
+    text = " ".join(names)
+    for pattern, family in FAMILIES:
+        if re.search(pattern, text):
+            return family
+    return "an unknown family"

@@ -1,0 +1,202 @@
+"""BOFTLoader and BOFTLoaderModelOnly: patch MODEL (and CLIP) through ComfyUI's ModelPatcher."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import comfy.utils
+import folder_paths
+
+from ..boft_core import MODES, BoftError, BoftFile, check_weight, load
+from .adapter import BOFTAdapter, BOFTBiasAdapter
+from .keymap import guess_family, key_maps, resolve
+
+log = logging.getLogger("comfyui-boft")
+
+STRENGTH_TOOLTIP = (
+    "How strongly to apply the adapter. lycoris: what LyCORIS computes (each butterfly stage "
+    "blended with identity; rescale always on). linear: W + s*(W' - W), straight line in weight "
+    "space. orthogonal: the rotation angle scales with s, stays a rotation; 0 leaves the model as is."
+)
+MODE_TOOLTIP = (
+    "Strength mode. lycoris (default) matches LyCORIS/kohya merges; linear matches LyCORIS's precise "
+    "merge and A1111; orthogonal keeps every butterfly stage a rotation at any strength. All three "
+    "agree at strength 1."
+)
+
+
+class FileCache:
+    """Parsed BOFT files by path, reread only when the file changes on disk."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._files: dict[str, tuple[tuple, BoftFile]] = {}
+
+    def get(self, path: str) -> BoftFile:
+        target = os.path.join(path, "adapter_model.safetensors") if os.path.isdir(path) else path
+        stat = os.stat(target)
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            hit = self._files.get(path)
+            if hit is not None and hit[0] == stamp:
+                return hit[1]
+        boft_file = load(path)
+        with self._lock:
+            self._files[path] = (stamp, boft_file)
+        return boft_file
+
+
+CACHE = FileCache()
+
+
+def _target_shape(root, key):
+    """Shape of the weight a key-map entry points at; (key, (dim, start, length)) is a slice."""
+    if isinstance(key, tuple):
+        name, offset = key[0], key[1]
+        shape = list(comfy.utils.get_attr(root, name).shape)
+        shape[offset[0]] = offset[2]
+        return tuple(shape)
+    return tuple(comfy.utils.get_attr(root, key).shape)
+
+
+def plan_patches(boft_file: BoftFile, model, clip, mode: str):
+    """Validated patches for model and clip, and a report of what was left out. Touches nothing."""
+    unet_map, te_map = key_maps(model, clip)
+    roots = {"model": model.model if model is not None else None,
+             "clip": clip.cond_stage_model if clip is not None else None}
+    patches = {"model": {}, "clip": {}}
+    missing = []
+    for name, layer in boft_file.layers.items():
+        hit = resolve(name, unet_map, te_map)
+        if hit is None:
+            missing.append(name)
+            continue
+        where, key = hit
+        try:
+            check_weight(layer, _target_shape(roots[where], key))
+        except BoftError as e:
+            raise BoftError(f"{boft_file.path}: {e} (model key {key})") from None
+        patches[where][key] = BOFTAdapter.from_layer(layer, mode)
+        if layer.bias is not None and isinstance(key, str) and key.endswith(".weight"):
+            patches[where][key[: -len("weight")] + "bias"] = BOFTBiasAdapter(set(), (layer.bias,))
+    if not patches["model"] and not patches["clip"]:
+        family = guess_family(boft_file.layers)
+        sample = ", ".join(list(boft_file.layers)[:3])
+        raise BoftError(
+            f"{boft_file.path}: none of its {len(boft_file.layers)} layers ({sample}, ...) exist in "
+            f"this {'model' if clip is None else 'model or text encoder'}. The adapter likely "
+            f"belongs to another base model: its layer names suggest {family}."
+        )
+    return patches, missing
+
+
+def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, unique_id=None):
+    if mode not in MODES:
+        raise BoftError(f"unknown strength mode {mode!r}; expected one of {', '.join(MODES)}.")
+    if strength_model == 0 and strength_clip == 0:
+        return model, clip, "BOFT: strength 0, nothing applied."
+    path = folder_paths.get_full_path_or_raise("loras", boft_name)
+    boft_file = CACHE.get(path)
+    use_clip = clip if (clip is not None and strength_clip != 0) else None
+    patches, missing = plan_patches(boft_file, model if strength_model != 0 else None, use_clip, mode)
+    new_model, new_clip = model, clip
+    if patches["model"]:
+        new_model = model.clone()
+        new_model.add_patches(patches["model"], strength_model)
+    if patches["clip"]:
+        new_clip = clip.clone()
+        new_clip.add_patches(patches["clip"], strength_clip)
+    applied = sum(isinstance(p, BOFTAdapter) for group in patches.values() for p in group.values())
+    report = (f"BOFT {os.path.basename(boft_name)} ({boft_file.format}, {mode}): applied "
+              f"{applied} of {len(boft_file.layers)} layers")
+    report += f" (model {sum(isinstance(p, BOFTAdapter) for p in patches['model'].values())}"
+    report += f", clip {sum(isinstance(p, BOFTAdapter) for p in patches['clip'].values())})."
+    if missing:
+        why = "no such layer in this model"
+        if clip is None or strength_clip == 0 or strength_model == 0:
+            why += " (or its part is switched off: strength 0 or no CLIP input)"
+        report += f" Not applied ({why}): {', '.join(missing[:12])}"
+        report += f" and {len(missing) - 12} more." if len(missing) > 12 else "."
+        log.warning(report)
+    else:
+        log.info(report)
+    _show(unique_id, report)
+    return new_model, new_clip, report
+
+
+def _show(unique_id, text):
+    """The coverage line on the node itself, in ComfyUI's own UI (not only in the console)."""
+    if unique_id is None:
+        return
+    try:
+        from server import PromptServer
+    except ImportError:  # unit tests without a server
+        return
+    if PromptServer.instance is not None:
+        PromptServer.instance.send_progress_text(text, unique_id)
+
+
+def _common_inputs():
+    return {
+        "boft_name": (folder_paths.get_filename_list("loras"), {
+            "tooltip": "The BOFT file, from the loras folder (LyCORIS BOFT/diag-OFT, kohya networks.boft, "
+                       "or a PEFT adapter folder through its adapter_model.safetensors)."}),
+        "strength_model": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                     "tooltip": STRENGTH_TOOLTIP}),
+    }
+
+
+class BOFTLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        common = _common_inputs()
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model the BOFT is applied to."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder the BOFT's text-encoder layers are applied to."}),
+                "boft_name": common["boft_name"],
+                "strength_model": common["strength_model"],
+                "strength_clip": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                            "tooltip": STRENGTH_TOOLTIP}),
+                "mode": (list(MODES), {"default": "lycoris", "tooltip": MODE_TOOLTIP}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = ("MODEL", "CLIP")
+    OUTPUT_TOOLTIPS = ("The patched diffusion model.", "The patched text encoder.")
+    FUNCTION = "load_boft"
+    CATEGORY = "loaders"
+    DESCRIPTION = "Apply a BOFT (butterfly orthogonal fine-tuning) adapter to a model and its text encoder."
+
+    def load_boft(self, model, clip, boft_name, strength_model, strength_clip, mode="lycoris", unique_id=None):
+        new_model, new_clip, report = apply_boft(model, clip, boft_name, strength_model, strength_clip,
+                                                 mode, unique_id)
+        return {"ui": {"boft_report": [report]}, "result": (new_model, new_clip)}
+
+
+class BOFTLoaderModelOnly:
+    @classmethod
+    def INPUT_TYPES(cls):
+        common = _common_inputs()
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model the BOFT is applied to."}),
+                "boft_name": common["boft_name"],
+                "strength_model": common["strength_model"],
+                "mode": (list(MODES), {"default": "lycoris", "tooltip": MODE_TOOLTIP}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The patched diffusion model.",)
+    FUNCTION = "load_boft"
+    CATEGORY = "loaders"
+    DESCRIPTION = "Apply a BOFT (butterfly orthogonal fine-tuning) adapter to a diffusion model."
+
+    def load_boft(self, model, boft_name, strength_model, mode="lycoris", unique_id=None):
+        new_model, _, report = apply_boft(model, None, boft_name, strength_model, 0.0, mode, unique_id)
+        return {"ui": {"boft_report": [report]}, "result": (new_model,)}
