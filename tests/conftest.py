@@ -15,3 +15,44 @@ def peft_factors(monkeypatch):
     import oracles
 
     oracles.enable_peft_butterfly_factors(monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI's `comfy` imported in this process (CPU), from scripts/setup.sh's checkout."""
+    import tiny_models
+
+    return tiny_models.import_comfy()
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    """This repository imported as a ComfyUI custom-node package (relative imports and all)."""
+    import importlib.util
+
+    name = "comfyui_boft_under_test"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
+                                                  submodule_search_locations=[ROOT])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def sd15_ckpt(tmp_path_factory, comfy):
+    import tiny_models
+
+    return tiny_models.make_sd15_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_sd15.safetensors")
+
+
+@pytest.fixture(scope="session")
+def loras_dir(tmp_path_factory, comfy):
+    """A folder registered as one of ComfyUI's `loras` folders for in-process node tests."""
+    import folder_paths
+
+    folder = tmp_path_factory.mktemp("loras")
+    folder_paths.add_model_folder_path("loras", str(folder))
+    return folder

@@ -1,0 +1,230 @@
+"""The nodes and our weight adapter inside ComfyUI's real ModelPatcher (in-process host).
+
+Oracles: LyCORIS's own merge of its own file; PEFT's own merge; hand-computed compositions.
+"""
+
+import copy
+import os
+
+import oracles
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import boft_core
+
+
+@pytest.fixture
+def lycoris_prefix():
+    """LyCORIS's wrapper with kohya's `lora_unet` prefix (the names sd-scripts writes)."""
+    from lycoris.wrapper import LycorisNetwork
+
+    old = LycorisNetwork.LORA_PREFIX
+    LycorisNetwork.LORA_PREFIX = "lora_unet"
+    yield
+    LycorisNetwork.LORA_PREFIX = old
+
+
+def load_model(comfy, ckpt):
+    import tiny_models
+
+    model, _, _ = tiny_models.load_checkpoint(ckpt, with_vae=False)
+    return model
+
+
+def patched_state(comfy, patcher):
+    """The weights ComfyUI actually computes for a patched model (a full load, as on --cpu)."""
+    comfy.model_management.load_models_gpu([patcher])
+    sd = {k: v.detach().clone().float() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    patcher.unpatch_model(patcher.offload_device)
+    comfy.model_management.unload_all_models()
+    return sd
+
+
+def rel(got, want, base):
+    d = (want.double() - base.double()).norm()
+    return ((got.double() - want.double()).norm() / d).item() if d > 0 else (got - want).abs().max().item()
+
+
+def unet_adapter(path, comfy, model, algo="boft", **kwargs):
+    """A LyCORIS file for the whole tiny UNet, written by LyCORIS's own save code."""
+    target = copy.deepcopy(model.model.diffusion_model).float()
+    oracles.lycoris_file(str(path), algo, dim=16, model=target, **kwargs)
+    return target
+
+
+@pytest.mark.parametrize("mode", ["lycoris", "linear", "orthogonal"])
+def test_loader_matches_lycoris_merge(comfy, pack, sd15_ckpt, loras_dir, lycoris_prefix, mode):
+    model = load_model(comfy, sd15_ckpt)
+    base = {k: v.clone().float() for k, v in model.model.diffusion_model.state_dict().items()}
+    path = loras_dir / f"unet_boft_{mode}.safetensors"
+    unet_adapter(path, comfy, model, rescaled=True, constraint=0.001, dtype=torch.float16)
+    node = pack.NODE_CLASS_MAPPINGS["BOFTLoaderModelOnly"]()
+    adapter = boft_core.load(str(path))
+    for s in (1.0, 0.5, -1.0):
+        out = node.load_boft(model, path.name, s, mode)
+        assert "applied 51 of 51" in out["ui"]["boft_report"][0]
+        got = patched_state(comfy, out["result"][0])
+        if mode == "lycoris":
+            ref = oracles.lycoris_merged(str(path), copy.deepcopy(model.model.diffusion_model).float(), s)
+        changed = 0
+        for name, layer in adapter.layers.items():
+            key = comfy.lora.model_lora_keys_unet(model.model, {})[name][len("diffusion_model."):]
+            want = ref[key] if mode == "lycoris" else boft_core.merge_weight(base[key].double(), layer, s, mode)
+            assert rel(got[key], want, base[key]) < 1e-4, (name, s)
+            changed += 1
+        assert changed == 51
+    # the input model is never modified: its patches are empty and its weights the originals
+    assert not model.patches
+    for k, v in model.model.diffusion_model.state_dict().items():
+        assert torch.equal(v.float(), base[k])
+
+
+def test_strength_zero_returns_inputs(comfy, pack, sd15_ckpt, loras_dir, lycoris_prefix):
+    model = load_model(comfy, sd15_ckpt)
+    path = loras_dir / "zero.safetensors"
+    unet_adapter(path, comfy, model)
+    out = pack.NODE_CLASS_MAPPINGS["BOFTLoaderModelOnly"]().load_boft(model, path.name, 0.0, "lycoris")
+    assert out["result"][0] is model
+
+
+def test_unpatch_restores_every_bit(comfy, pack, sd15_ckpt, loras_dir, lycoris_prefix):
+    model = load_model(comfy, sd15_ckpt)
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    path = loras_dir / "unpatch.safetensors"
+    unet_adapter(path, comfy, model, rescaled=True)
+    patched = pack.NODE_CLASS_MAPPINGS["BOFTLoaderModelOnly"]().load_boft(model, path.name, 0.7, "lycoris")["result"][0]
+    comfy.model_management.load_models_gpu([patched])
+    assert any(not torch.equal(v, before[k]) for k, v in patched.model.state_dict().items())
+    patched.unpatch_model(patched.offload_device)
+    comfy.model_management.unload_all_models()
+    for k, v in model.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_core_lora_loader_uses_our_exact_merge(comfy, pack, sd15_ckpt, loras_dir, lycoris_prefix):
+    """Core's load_lora_for_models (LoraLoader) now merges oft_blocks exactly, at s = 0.5 too."""
+    assert any(a.name == "boft_exact" for a in comfy.weight_adapter.adapters)
+    model = load_model(comfy, sd15_ckpt)
+    path = loras_dir / "core.safetensors"
+    unet_adapter(path, comfy, model, rescaled=True, constraint=0.001)
+    ref = oracles.lycoris_merged(str(path), copy.deepcopy(model.model.diffusion_model).float(), 0.5)
+    base = {k: v.clone().float() for k, v in model.model.diffusion_model.state_dict().items()}
+    patched, _ = comfy.sd.load_lora_for_models(model, None, load_file(str(path)), 0.5, 0)
+    got = patched_state(comfy, patched)
+    for key, want in ref.items():
+        if not torch.equal(want, base[key]):
+            assert rel(got[key], want, base[key]) < 1e-4, key
+
+
+def test_peft_file_with_diffusers_names(comfy, pack, sd15_ckpt, loras_dir, peft_factors):
+    """A PEFT BOFT on diffusers names (new attention naming) maps through our key map."""
+    from peft import BOFTConfig, get_peft_model
+
+    model = load_model(comfy, sd15_ckpt)
+    unet = copy.deepcopy(model.model.diffusion_model).float()
+    peft_model = get_peft_model(unet, BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=2,
+                                                 target_modules=["to_q", "to_k", "to_v", "proj_in"]))
+    oracles.randomize(peft_model, ("boft_R.default", "boft_s.default"), 5, std=0.1)
+    folder = loras_dir / "peft_ldm"
+    peft_model.save_pretrained(str(folder))
+    merged = {k: v.float() for k, v in copy.deepcopy(peft_model).merge_and_unload().state_dict().items()}
+    # rename ldm paths to diffusers paths, as a diffusers-trained PEFT adapter names them
+    to_ldm = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    to_diffusers = {v[: -len(".weight")]: k[: -len(".weight")] for k, v in to_ldm.items() if k.endswith(".weight")}
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    renamed = {}
+    for key, value in tensors.items():
+        path, suffix = key[len("base_model.model."):].rsplit(".", 1)
+        renamed[f"base_model.model.{to_diffusers[path]}.{suffix}"] = value
+    assert any(".attn1.to_q." in k for k in renamed)
+    out_dir = loras_dir / "peft_diffusers"
+    out_dir.mkdir()
+    save_file(renamed, str(out_dir / "adapter_model.safetensors"))
+    (out_dir / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+    base = {k: v.clone().float() for k, v in model.model.diffusion_model.state_dict().items()}
+    name = os.path.join("peft_diffusers", "adapter_model.safetensors")
+    out = pack.NODE_CLASS_MAPPINGS["BOFTLoaderModelOnly"]().load_boft(model, name, 1.0, "lycoris")
+    n = len(renamed) // 2
+    assert f"applied {n} of {n}" in out["ui"]["boft_report"][0]
+    got = patched_state(comfy, out["result"][0])
+    for key, want in merged.items():
+        if key in got and not torch.equal(want, base[key]):
+            assert rel(got[key], want, base[key]) < 1e-5, key
+
+
+def test_chains_with_lora_in_both_orders(comfy, pack, sd15_ckpt, loras_dir, lycoris_prefix):
+    """Patches apply in graph order: BOFT rotates whatever the loaders before it produced."""
+    import tiny_models
+
+    model = load_model(comfy, sd15_ckpt)
+    lora_path = loras_dir / "chain_lora.safetensors"
+    chosen = tiny_models.make_kohya_lora(lora_path, sd15_ckpt, diffusers_names=False)
+    boft_path = loras_dir / "chain_boft.safetensors"
+    unet_adapter(boft_path, comfy, model, rescaled=True)
+    adapter = boft_core.load(str(boft_path))
+    lora = load_file(str(lora_path))
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    base = {k: v.clone().float() for k, v in model.model.diffusion_model.state_dict().items()}
+    s_boft, s_lora = 0.8, 0.6
+
+    def lora_delta(name):
+        up, down = lora[f"{name}.lora_up.weight"].float(), lora[f"{name}.lora_down.weight"].float()
+        return (float(lora[f"{name}.alpha"]) / down.shape[0]) * (up @ down)
+
+    boft_node = pack.NODE_CLASS_MAPPINGS["BOFTLoaderModelOnly"]()
+    lora_node = comfy_nodes_lora()
+    first_lora = boft_node.load_boft(lora_node.load_lora_model_only(model, lora_path.name, s_lora)[0],
+                                     boft_path.name, s_boft, "lycoris")["result"][0]
+    first_boft = lora_node.load_lora_model_only(
+        boft_node.load_boft(model, boft_path.name, s_boft, "lycoris")["result"][0], lora_path.name, s_lora)[0]
+    got_a, got_b = patched_state(comfy, first_lora), patched_state(comfy, first_boft)
+    for name, key in chosen.items():
+        k = key[len("diffusion_model."):]
+        layer = adapter.layers[name]
+        w = base[k].double()
+        want_a = boft_core.merge_weight(w + s_lora * lora_delta(name).double(), layer, s_boft)
+        want_b = boft_core.merge_weight(w, layer, s_boft) + s_lora * lora_delta(name).double()
+        assert rel(got_a[k], want_a, w) < 1e-4 and rel(got_b[k], want_b, w) < 1e-4, name
+        assert not torch.allclose(want_a, want_b)
+    assert key_map  # the LoRA names came from ComfyUI's own key map
+
+
+def comfy_nodes_lora():
+    import importlib
+
+    return importlib.import_module("nodes").LoraLoaderModelOnly()
+
+
+def test_wrong_base_model_fails_clearly_and_touches_nothing(comfy, pack, sd15_ckpt, loras_dir):
+    from importlib import import_module
+
+    error = import_module(pack.__name__ + ".boft_core").BoftError  # the pack's own copy
+    model = load_model(comfy, sd15_ckpt)
+    path = loras_dir / "flux_named.safetensors"
+    save_file({"lycoris_double_blocks_0_img_attn_qkv.oft_blocks": torch.randn(9, 256, 12, 12) * 0.01},
+              str(path))
+    with pytest.raises(error, match="another base model.*Flux"):
+        pack.NODE_CLASS_MAPPINGS["BOFTLoaderModelOnly"]().load_boft(model, path.name, 1.0, "lycoris")
+    assert not model.patches
+    # right names, wrong shapes: a clear error naming key and shapes, nothing patched
+    key = next(k for k in comfy.lora.model_lora_keys_unet(model.model, {}) if k.endswith("attn1_to_q"))
+    bad = loras_dir / "wrong_shape.safetensors"
+    save_file({f"{key}.oft_blocks": torch.randn(5, 16, 8, 8) * 0.01}, str(bad))
+    with pytest.raises(error, match=r"\(320, 320\).*128 rows"):
+        pack.NODE_CLASS_MAPPINGS["BOFTLoaderModelOnly"]().load_boft(model, bad.name, 1.0, "lycoris")
+    assert not model.patches
+
+
+def test_file_cache_rereads_changed_files(pack, tmp_path):
+    from importlib import import_module
+
+    loader = import_module(pack.__name__ + ".nodes.loader")
+    path = tmp_path / "a.safetensors"
+    oracles.lycoris_file(str(path), "boft")
+    cache = loader.FileCache()
+    first = cache.get(str(path))
+    assert cache.get(str(path)) is first
+    oracles.lycoris_file(str(path), "boft", seed=5)
+    os.utime(path, ns=(1, 1))
+    assert cache.get(str(path)) is not first
