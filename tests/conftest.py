@@ -56,3 +56,12 @@ def loras_dir(tmp_path_factory, comfy):
     folder = tmp_path_factory.mktemp("loras")
     folder_paths.add_model_folder_path("loras", str(folder))
     return folder
+
+
+@pytest.fixture(scope="session")
+def sd15_clip_ckpt(tmp_path_factory, comfy):
+    """The tiny SD1.5 checkpoint with a full random CLIP-L text encoder (~276 MB, ~7 s)."""
+    import tiny_models
+
+    return tiny_models.make_sd15_checkpoint(tmp_path_factory.mktemp("ckpt_clip") / "tiny_sd15_clip.safetensors",
+                                            with_clip=True)

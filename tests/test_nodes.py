@@ -228,3 +228,68 @@ def test_file_cache_rereads_changed_files(pack, tmp_path):
     oracles.lycoris_file(str(path), "boft", seed=5)
     os.utime(path, ns=(1, 1))
     assert cache.get(str(path)) is not first
+
+
+def kohya_boft(names_and_dims, seed, block=8, factors=2):
+    """sd-scripts networks.boft tensors for {name: (out, in)} (its spec: boft_s is (out, 1))."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (out_dim, in_dim) in names_and_dims.items():
+        tensors[f"{name}.boft_R"] = torch.randn(factors, in_dim // block, block, block, generator=g) * 0.1
+        tensors[f"{name}.boft_s"] = 1 + 0.05 * torch.randn(out_dim, 1, generator=g)
+    return tensors
+
+
+def test_text_encoder_names_and_core_loader_with_kohya_boft(comfy, pack, sd15_clip_ckpt, loras_dir):
+    """transformers-5 TE names (no text_model), PEFT TE names and kohya UNet names all map;
+    core's LoraLoader path takes kohya boft_R files through our adapter."""
+    import tiny_models
+
+    model, clip, _ = tiny_models.load_checkpoint(sd15_clip_ckpt, with_vae=False, with_clip=True)
+    te_sd = clip.cond_stage_model.state_dict()
+    q_key = next(k for k in te_sd if k.endswith("encoder.layers.0.self_attn.q_proj.weight"))
+    fc_key = next(k for k in te_sd if k.endswith("encoder.layers.1.mlp.fc1.weight"))
+    names = {"lora_te_encoder_layers_0_self_attn_q_proj": tuple(te_sd[q_key].shape),
+             "lora_te_encoder_layers_1_mlp_fc1": tuple(te_sd[fc_key].shape)}
+    unet_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    to_q = next(k for k in unet_map if k.startswith("lora_unet_") and k.endswith("attn1_to_q"))
+    unet_key = unet_map[to_q]
+    names[to_q] = tuple(model.model.state_dict()[unet_key].shape)
+    tensors = kohya_boft(names, seed=21)
+    path = loras_dir / "kohya_te.safetensors"
+    save_file(tensors, str(path), {"ss_network_module": "networks.boft"})
+    adapter = boft_core.load(str(path))
+    assert adapter.format == "kohya-boft"
+
+    node = pack.NODE_CLASS_MAPPINGS["BOFTLoader"]()
+    out = node.load_boft(model, clip, path.name, 1.0, 0.5, "lycoris")
+    assert "applied 3 of 3 layers (model 1, clip 2)" in out["ui"]["boft_report"][0]
+    new_clip = out["result"][1]
+    comfy.model_management.load_models_gpu([new_clip.patcher])
+    got_te = new_clip.cond_stage_model.state_dict()
+    for name, key in (("lora_te_encoder_layers_0_self_attn_q_proj", q_key),
+                      ("lora_te_encoder_layers_1_mlp_fc1", fc_key)):
+        want = boft_core.merge_weight(te_sd[key].double(), adapter.layers[name], 0.5)
+        assert got_te[key].dtype == te_sd[key].dtype == torch.float16  # ComfyUI keeps the TE in fp16
+        assert torch.allclose(got_te[key].float(), want.half().float(), rtol=2e-3, atol=1e-6), name  # 1 ulp
+        assert rel(got_te[key].float(), want, te_sd[key]) < 5e-3, name
+    new_clip.patcher.unpatch_model(new_clip.patcher.offload_device)
+    comfy.model_management.unload_all_models()
+
+    # core's own loader (LoraLoader's code path) with the same file: our adapter handles boft_R
+    patched, _ = comfy.sd.load_lora_for_models(model, None, load_file(str(path)), 0.7, 0)
+    got = patched_state(comfy, patched)
+    k = unet_key[len("diffusion_model."):]
+    w = model.model.diffusion_model.state_dict()[k].double()
+    assert rel(got[k], boft_core.merge_weight(w, adapter.layers[to_q], 0.7), w) < 1e-4
+
+    # PEFT-named text-encoder layers map as well
+    peft_names = {"base_model.model.text_model.encoder.layers.0.self_attn.q_proj": names[
+        "lora_te_encoder_layers_0_self_attn_q_proj"]}
+    peft_tensors = kohya_boft(peft_names, seed=22)
+    peft_path = loras_dir / "peft_te" / "adapter_model.safetensors"
+    peft_path.parent.mkdir()
+    peft_tensors = {k: (v.t().contiguous() if k.endswith("boft_s") else v) for k, v in peft_tensors.items()}
+    save_file({k: v for k, v in peft_tensors.items()}, str(peft_path))
+    out = node.load_boft(model, clip, "peft_te/adapter_model.safetensors", 0.0, 1.0, "lycoris")
+    assert "applied 1 of 1 layers (model 0, clip 1)" in out["ui"]["boft_report"][0]
