@@ -374,39 +374,38 @@ def boft_r_layer(path: str, name: str, parts: dict[str, torch.Tensor], kind: str
     return layer
 
 
-def parse_lycoris(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, BoftLayer]:
-    groups, rest = _group(tensors, ("oft_blocks", "alpha", "rescale"))
+def _parse(path: str, tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...], build,
+           what: str) -> dict[str, BoftLayer]:
+    """Group keys by layer (the first suffix is the layer's main tensor), build each, refuse the rest."""
+    groups, rest = _group(tensors, suffixes)
     layers = {}
     for name, parts in groups.items():
-        if "oft_blocks" not in parts:
+        if suffixes[0] not in parts:
             rest.extend(f"{name}.{s}" for s in parts)
             continue
-        layers[name] = lycoris_layer(path, name, parts)
-    _refuse_leftovers(path, rest, "LyCORIS BOFT")
-    return layers
-
-
-def _parse_boft_r(path: str, tensors: dict[str, torch.Tensor], kind: str) -> dict[str, BoftLayer]:
-    groups, rest = _group(tensors, ("boft_R", "boft_s", "base_layer.bias"))
-    layers = {}
-    for name, parts in groups.items():
-        if "boft_R" not in parts:
-            rest.extend(f"{name}.{s}" for s in parts)
-            continue
-        layer = boft_r_layer(path, name, parts, kind)
+        layer = build(path, name, parts)
         layers[layer.name] = layer
-    _refuse_leftovers(path, rest, "BOFT (boft_R/boft_s)")
+    _refuse_leftovers(path, rest, what)
     return layers
+
+
+def parse_lycoris(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, BoftLayer]:
+    return _parse(path, tensors, ("oft_blocks", "alpha", "rescale"), lycoris_layer, "LyCORIS BOFT")
 
 
 def parse_peft(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, BoftLayer]:
-    return _parse_boft_r(path, tensors, "peft-boft")
+    def build(path, name, parts):
+        return boft_r_layer(path, name, parts, "peft-boft")
+    return _parse(path, tensors, BOFT_R_SUFFIXES, build, "BOFT (boft_R/boft_s)")
 
 
 def parse_kohya(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, BoftLayer]:
-    return _parse_boft_r(path, tensors, "kohya-boft")
+    def build(path, name, parts):
+        return boft_r_layer(path, name, parts, "kohya-boft")
+    return _parse(path, tensors, BOFT_R_SUFFIXES, build, "BOFT (boft_R/boft_s)")
 
 
+BOFT_R_SUFFIXES = ("boft_R", "boft_s", "base_layer.bias")
 PARSERS = {"lycoris-boft": parse_lycoris, "peft-boft": parse_peft, "kohya-boft": parse_kohya}
 
 
