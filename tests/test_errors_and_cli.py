@@ -1,5 +1,7 @@
 """Bad input: a clear one-paragraph error naming the file, the key and the shapes; no traceback."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -11,9 +13,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import boft_core
+from boft_core.cli import main
 
 
 def cli(*args):
+    """``python -m boft_core ARGS`` in this process (an uncaught exception fails the test)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse: --help and usage errors
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def cli_process(*args):
     return subprocess.run([sys.executable, "-m", "boft_core", *args], capture_output=True, text=True)
 
 
@@ -178,6 +192,13 @@ def test_help_explains_itself():
         out = cli(*args, "--help").stdout
         assert "usage" in out
     assert "orthogonal" in cli("merge", "--help").stdout
+
+
+def test_real_process_exit_codes(tmp_path, boft_file):
+    """The module entry point itself: help, success, and a clean failure without a traceback."""
+    assert "inspect" in cli_process("--help").stdout
+    assert cli_process("inspect", boft_file).returncode == 0
+    assert_clean_failure(cli_process("inspect", str(tmp_path / "nope.safetensors")), "no such file")
 
 
 def test_api_errors_are_boft_errors(boft_file):
