@@ -5,6 +5,7 @@ import os
 
 import comfy.weight_adapter
 
+from . import routes  # noqa: F401  (registers the front end's HTTP routes with ComfyUI's server)
 from .adapter import BOFTAdapter
 from .loader import BOFTLoader, BOFTLoaderModelOnly
 

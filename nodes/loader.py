@@ -9,7 +9,8 @@ import threading
 import comfy.utils
 import folder_paths
 
-from ..boft_core import MODES, BoftError, BoftFile, check_weight, load
+from ..boft_core import MODES, BoftError, BoftFile, check_weight, load, read_header
+from ..boft_core.stats import TRIGGER_LIMIT, trigger_text
 from .adapter import BOFTAdapter, BOFTBiasAdapter
 from .keymap import guess_family, key_maps, resolve
 
@@ -49,6 +50,39 @@ class FileCache:
 
 
 CACHE = FileCache()
+
+
+class LastRuns:
+    """Each loader node's last run (what was applied, what was not), by node id, for the info panel."""
+
+    def __init__(self, limit: int = 256):
+        self._lock = threading.Lock()
+        self._runs: dict[str, dict] = {}
+        self._limit = limit
+
+    def record(self, unique_id, run: dict) -> None:
+        if unique_id is None:
+            return
+        with self._lock:
+            self._runs.pop(str(unique_id), None)
+            self._runs[str(unique_id)] = run
+            while len(self._runs) > self._limit:
+                del self._runs[next(iter(self._runs))]
+
+    def get(self, unique_id, boft_name: str) -> dict | None:
+        with self._lock:
+            run = self._runs.get(str(unique_id))
+        return run if run is not None and run["boft_name"] == boft_name else None
+
+
+LAST_RUNS = LastRuns()
+TRIGGER_TOOLTIP = (f"The file's {TRIGGER_LIMIT} most frequent training tags (kohya ss_tag_frequency), "
+                   "comma-separated, for a text encoder; empty if the file has none.")
+
+
+def trigger_words_of(boft_name: str) -> str:
+    """The trigger_words output: read from the header only, so it works at strength 0 too."""
+    return trigger_text(read_header(folder_paths.get_full_path_or_raise("loras", boft_name))[1])
 
 
 def _target_shape(root, key):
@@ -96,6 +130,8 @@ def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, uniq
     if mode not in MODES:
         raise BoftError(f"unknown strength mode {mode!r}; expected one of {', '.join(MODES)}.")
     if strength_model == 0 and strength_clip == 0:
+        LAST_RUNS.record(unique_id, {"boft_name": boft_name, "applied": 0, "total": None, "not_applied": [],
+                                     "report": "BOFT: strength 0, nothing applied."})
         return model, clip, "BOFT: strength 0, nothing applied."
     path = folder_paths.get_full_path_or_raise("loras", boft_name)
     boft_file = CACHE.get(path)
@@ -122,20 +158,9 @@ def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, uniq
         log.warning(report)
     else:
         log.info(report)
-    _show(unique_id, report)
+    LAST_RUNS.record(unique_id, {"boft_name": boft_name, "applied": applied, "total": len(boft_file.layers),
+                                 "not_applied": missing, "report": report})
     return new_model, new_clip, report
-
-
-def _show(unique_id, text):
-    """The coverage line on the node itself, in ComfyUI's own UI (not only in the console)."""
-    if unique_id is None:
-        return
-    try:
-        from server import PromptServer
-    except ImportError:  # unit tests without a server
-        return
-    if PromptServer.instance is not None:
-        PromptServer.instance.send_progress_text(text, unique_id)
 
 
 def _common_inputs():
@@ -165,8 +190,9 @@ class BOFTLoader:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    RETURN_TYPES = ("MODEL", "CLIP")
-    OUTPUT_TOOLTIPS = ("The patched diffusion model.", "The patched text encoder.")
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING")
+    RETURN_NAMES = ("MODEL", "CLIP", "trigger_words")
+    OUTPUT_TOOLTIPS = ("The patched diffusion model.", "The patched text encoder.", TRIGGER_TOOLTIP)
     FUNCTION = "load_boft"
     CATEGORY = "loaders"
     DESCRIPTION = "Apply a BOFT (butterfly orthogonal fine-tuning) adapter to a model and its text encoder."
@@ -174,7 +200,7 @@ class BOFTLoader:
     def load_boft(self, model, clip, boft_name, strength_model, strength_clip, mode="lycoris", unique_id=None):
         new_model, new_clip, report = apply_boft(model, clip, boft_name, strength_model, strength_clip,
                                                  mode, unique_id)
-        return {"ui": {"boft_report": [report]}, "result": (new_model, new_clip)}
+        return {"ui": {"boft_report": [report]}, "result": (new_model, new_clip, trigger_words_of(boft_name))}
 
 
 class BOFTLoaderModelOnly:
@@ -191,12 +217,13 @@ class BOFTLoaderModelOnly:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The patched diffusion model.",)
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("MODEL", "trigger_words")
+    OUTPUT_TOOLTIPS = ("The patched diffusion model.", TRIGGER_TOOLTIP)
     FUNCTION = "load_boft"
     CATEGORY = "loaders"
     DESCRIPTION = "Apply a BOFT (butterfly orthogonal fine-tuning) adapter to a diffusion model."
 
     def load_boft(self, model, boft_name, strength_model, mode="lycoris", unique_id=None):
         new_model, _, report = apply_boft(model, None, boft_name, strength_model, 0.0, mode, unique_id)
-        return {"ui": {"boft_report": [report]}, "result": (new_model,)}
+        return {"ui": {"boft_report": [report]}, "result": (new_model, trigger_words_of(boft_name))}

@@ -83,5 +83,9 @@ else
     log "ComfyUI requirements up to date"
 fi
 
+# 4. Browser tests: Debian's chromium and the pinned Playwright that drives it ---------
+source "$ROOT/scripts/setup_browser.sh"
+setup_browser
+
 log "ComfyUI ready at $COMFY"
 echo "$COMFY"

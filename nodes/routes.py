@@ -1,0 +1,266 @@
+"""HTTP routes for the pack's front end (web/js): file info for the panel, drag-and-drop upload.
+
+* ``GET  /boft/info?name=N[&node=ID]``: what the info panel shows for a file of the ``loras``
+  list (format, family, counts, metadata, trigger words, per-layer rotation distance by block),
+  and the last run of loader node ``ID`` on that file.
+* ``POST /boft/check?name=N&size=S``: body = the file's first bytes (length + JSON header).
+  Says whether it is a BOFT file before anything is uploaded.
+* ``POST /boft/upload?name=N``: body = the whole file. Checks the header again, enforces the
+  size limit, never replaces a different file, and moves it into the first ``loras`` folder
+  atomically. Answers with the stored name.
+
+Only names listed in the ``loras`` folders are read; uploaded names must be plain file names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import struct
+import sys
+import threading
+import uuid
+
+import folder_paths
+from aiohttp import web
+
+from ..boft_core import BoftError, read_header
+from ..boft_core.cli import describe
+from ..boft_core.formats import detect_format
+from ..boft_core.stats import group_stats, layer_stats, summary, trigger_text
+from .keymap import guess_family
+from .loader import CACHE, LAST_RUNS
+
+log = logging.getLogger("comfyui-boft")
+
+MAX_UPLOAD_ENV = "COMFYUI_BOFT_MAX_UPLOAD_MB"
+MAX_HEADER = 16 * 1024 * 1024  # a BOFT file's JSON header (keys + metadata) is far smaller
+BAD_CHARS = set('/\\:*?"<>|')
+
+
+def max_upload() -> int:
+    """Largest accepted upload in bytes: $COMFYUI_BOFT_MAX_UPLOAD_MB, default 2 GiB."""
+    try:
+        return int(float(os.environ.get(MAX_UPLOAD_ENV, "2048")) * 1024 * 1024)
+    except ValueError:
+        return 2048 * 1024 * 1024
+
+
+def bad_name(name: str) -> str | None:
+    """Why ``name`` cannot be stored in the loras folder, or None for a plain ``*.safetensors`` name."""
+    if not name or len(name) > 200:
+        return "give a file name of 1 to 200 characters."
+    if name in (".", "..") or name.startswith(".") or any(c in BAD_CHARS or ord(c) < 32 for c in name):
+        return f"{name!r} is not a plain file name (no folders, no leading dot, none of / \\ : * ? \" < > |)."
+    if not name.lower().endswith(".safetensors"):
+        return f"{name!r}: only .safetensors files can be added."
+    return None
+
+
+def lora_path(name: str) -> str | None:
+    """The full path of ``name`` if it is listed in the loras folders, else None."""
+    if not name or name not in folder_paths.get_filename_list("loras"):
+        return None
+    return folder_paths.get_full_path("loras", name)
+
+
+class StatsCache:
+    """Per-layer statistics of each parsed file; recomputed when FileCache parses the file anew."""
+
+    def __init__(self, limit: int = 16):
+        self._lock = threading.Lock()
+        self._stats: dict[str, tuple[object, list[dict]]] = {}
+        self._limit = limit
+
+    def get(self, path: str, boft_file) -> list[dict]:
+        with self._lock:
+            hit = self._stats.get(path)
+        if hit is not None and hit[0] is boft_file:
+            return hit[1]
+        rows = layer_stats(boft_file)
+        with self._lock:
+            self._stats.pop(path, None)
+            self._stats[path] = (boft_file, rows)
+            while len(self._stats) > self._limit:
+                del self._stats[next(iter(self._stats))]
+        return rows
+
+
+STATS = StatsCache()
+
+
+def file_info(name: str, path: str) -> dict:
+    """The info panel's data for one file (BoftError if it is not a readable BOFT file)."""
+    boft_file = CACHE.get(path)
+    info = describe(boft_file)
+    modules = {m["name"]: m for m in info.pop("modules")}
+    info.pop("path")
+    rows = [dict(row, block_size=modules[row["name"]]["block_size"], m=modules[row["name"]]["m"])
+            for row in STATS.get(path, boft_file)]
+    info.update(summary(boft_file))
+    info.update(name=name, size=os.path.getsize(path), family=guess_family(boft_file.layers),
+                trigger_text=trigger_text(boft_file.metadata), layer_stats=rows, groups=group_stats(rows))
+    return info
+
+
+def header_from_bytes(name: str, raw: bytes, size: int) -> tuple[list[str], dict[str, str]]:
+    """Tensor keys and metadata from a file's first bytes, checked like ``read_header`` does."""
+    if len(raw) < 8 or size < 8:
+        raise BoftError(f"{name}: not a safetensors file (too short).")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n < 2 or 8 + n > size or n > MAX_HEADER:
+        raise BoftError(f"{name}: not a readable safetensors file (header length {n} does not fit the "
+                        f"file size {size}); only .safetensors BOFT files can be added.")
+    if len(raw) < 8 + n:
+        raise BoftError(f"{name}: only {len(raw)} bytes of its {8 + n}-byte header were sent.")
+    try:
+        header = json.loads(raw[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BoftError(f"{name}: corrupt safetensors header ({e}).") from None
+    if not isinstance(header, dict):
+        raise BoftError(f"{name}: corrupt safetensors header (not a JSON object).")
+    metadata = header.pop("__metadata__", None) or {}
+    return list(header), {str(k): str(v) for k, v in metadata.items()}
+
+
+def _same_content(a: str, b: str) -> bool:
+    if os.path.getsize(a) != os.path.getsize(b):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            ca, cb = fa.read(1 << 20), fb.read(1 << 20)
+            if ca != cb:
+                return False
+            if not ca:
+                return True
+
+
+def store_upload(tmp: str, name: str, folder: str) -> dict:
+    """Check the uploaded temp file's header and move it to ``folder/name``; never replaces a file."""
+    try:
+        header, metadata = read_header(tmp)
+        fmt = detect_format(name, list(header), metadata, None)
+    except BoftError as e:
+        raise BoftError(str(e).replace(tmp, name)) from None
+    target = os.path.join(folder, name)
+    for existing in (folder_paths.get_full_path("loras", name), target):
+        if existing and os.path.exists(existing):
+            if _same_content(existing, tmp):
+                return {"name": name, "format": fmt, "existed": True}
+            raise FileExistsError(f"a different file named {name} is already in the loras folder; "
+                                  "rename the file you dropped, or remove the other one first.")
+    try:
+        os.link(tmp, target)  # atomic, and fails instead of replacing a file that appeared meanwhile
+    except FileExistsError:
+        return store_upload(tmp, name, folder)
+    except OSError:  # a file system without hard links
+        os.replace(tmp, target)
+    return {"name": name, "format": fmt, "existed": False}
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def info_route(request: web.Request) -> web.Response:
+    name = request.query.get("name", "")
+    path = lora_path(name)
+    if path is None:
+        return _error(404, f"{name!r} is not a file in the loras folder.")
+    try:
+        info = await asyncio.to_thread(file_info, name, path)
+    except (BoftError, OSError) as e:
+        return _error(422, str(e))
+    node = request.query.get("node")
+    info["last_run"] = LAST_RUNS.get(node, name) if node else None
+    return web.json_response(info)
+
+
+async def check_route(request: web.Request) -> web.Response:
+    name = request.query.get("name", "")
+    why = bad_name(name)
+    if why:
+        return _error(400, why)
+    try:
+        size = int(request.query.get("size", ""))
+    except ValueError:
+        return _error(400, "give the file size as size=<bytes>.")
+    if (request.content_length or 0) > MAX_HEADER + 8:
+        return _error(413, f"send at most the first {MAX_HEADER + 8} bytes of the file.")
+    raw = await request.read()
+    answer = {"name": name, "max_upload": max_upload()}
+    try:
+        keys, metadata = header_from_bytes(name, raw, size)
+        answer["workflow"] = "workflow" in metadata or "prompt" in metadata
+        answer["format"] = detect_format(name, keys, metadata, None)
+        if size > answer["max_upload"]:
+            raise BoftError(f"{name}: {size / 2**20:.0f} MiB is more than the upload limit of "
+                            f"{answer['max_upload'] / 2**20:.0f} MiB ({MAX_UPLOAD_ENV}).")
+    except BoftError as e:
+        answer.update(ok=False, error=str(e))
+        return web.json_response(answer)
+    answer["ok"] = True
+    return web.json_response(answer)
+
+
+async def upload_route(request: web.Request) -> web.Response:
+    name = request.query.get("name", "")
+    why = bad_name(name)
+    if why:
+        return _error(400, why)
+    limit = max_upload()
+    if request.content_length is not None and request.content_length > limit:
+        return _error(413, f"{name}: larger than the upload limit of {limit / 2**20:.0f} MiB ({MAX_UPLOAD_ENV}).")
+    folders = folder_paths.get_folder_paths("loras")
+    if not folders:
+        return _error(500, "ComfyUI has no loras folder.")
+    folder = folders[0]
+    tmp = os.path.join(folder, f".boft-upload-{uuid.uuid4().hex}.partial")  # not listed by ComfyUI
+    try:
+        os.makedirs(folder, exist_ok=True)
+        size = 0
+        with open(tmp, "wb") as f:
+            async for chunk in request.content.iter_chunked(1 << 20):
+                size += len(chunk)
+                if size > limit:
+                    return _error(413, f"{name}: larger than the upload limit of {limit / 2**20:.0f} MiB.")
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            stored = await asyncio.to_thread(store_upload, tmp, name, folder)
+        except BoftError as e:
+            return _error(400, str(e))
+        except FileExistsError as e:
+            return _error(409, str(e))
+    except OSError as e:  # an unwritable or full loras folder
+        return _error(500, f"{name}: cannot write to {folder}: {e}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("[comfyui-boft] %s %s (%s) in %s", "kept existing" if stored["existed"] else "stored",
+             name, stored["format"], folder)
+    return web.json_response(stored)
+
+
+ROUTES = (("GET", "/boft/info", info_route), ("POST", "/boft/check", check_route),
+          ("POST", "/boft/upload", upload_route))
+
+
+def register() -> bool:
+    """Add the routes to ComfyUI's running server, once; False when there is none (unit tests)."""
+    server = sys.modules.get("server")  # ComfyUI's server.py, imported by main.py before custom nodes
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None:
+        return False
+    table = instance.routes
+    if any(getattr(route, "path", None) == "/boft/info" for route in table):
+        return True
+    for method, path, handler in ROUTES:
+        table.route(method, path)(handler)
+    return True
+
+
+register()

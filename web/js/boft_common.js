@@ -1,0 +1,145 @@
+// Shared helpers of the comfyui-boft front end (no extension registered here).
+// Everything that comes from a file is put in the page as text (textContent), never as HTML.
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
+
+export const NODE_TYPES = new Set(["BOFTLoader", "BOFTLoaderModelOnly"]);
+export const FILE_WIDGET = "boft_name";
+const HEADER_LIMIT = 16 * 1024 * 1024;
+
+export function isBoftNode(node) {
+  return NODE_TYPES.has(node?.comfyClass ?? node?.type);
+}
+
+/** A DOM element; string children become text nodes, so metadata can never become markup. */
+export function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (key === "class") node.className = value;
+    else if (key === "dataset") Object.assign(node.dataset, value);
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+export function formatBytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${i ? n.toFixed(1) : n} ${units[i]}`;
+}
+
+export function toast(severity, summary, detail, life = 6000) {
+  const t = app.extensionManager?.toast;
+  if (t?.add) t.add({ severity, summary, detail, life: severity === "error" ? undefined : life });
+  else console[severity === "error" ? "error" : "log"](`[comfyui-boft] ${summary}: ${detail}`);
+}
+
+/** Copy text; navigator.clipboard needs a secure context, the textarea fallback does not. */
+export async function copyText(text) {
+  try {
+    await navigator.clipboard.writeText(text);
+    return true;
+  } catch {
+    const area = el("textarea", { style: "position:fixed;opacity:0" }, text);
+    document.body.append(area);
+    area.select();
+    const ok = document.execCommand("copy");
+    area.remove();
+    return ok;
+  }
+}
+
+async function jsonOf(response) {
+  try {
+    return await response.json();
+  } catch {
+    return { error: `${response.status} ${response.statusText}` };
+  }
+}
+
+/** GET /boft/info: {ok: true, info} or {ok: false, error}. */
+export async function fetchInfo(name, nodeId, signal) {
+  const query = new URLSearchParams({ name });
+  if (nodeId !== undefined && nodeId !== null) query.set("node", String(nodeId));
+  const response = await api.fetchApi(`/boft/info?${query}`, { signal });
+  const body = await jsonOf(response);
+  return response.ok ? { ok: true, info: body } : { ok: false, error: body.error };
+}
+
+/** Ask the server about the file's header, then upload it. Returns {name, format, existed} or
+ *  {fallback: true} for a non-BOFT file that carries a ComfyUI workflow; throws with the reason. */
+export async function uploadBoft(file) {
+  const lengthBytes = await file.slice(0, 8).arrayBuffer();
+  let headerEnd = 8;
+  if (lengthBytes.byteLength === 8) {
+    const n = Number(new DataView(lengthBytes).getBigUint64(0, true));
+    headerEnd = 8 + Math.min(n, HEADER_LIMIT);
+  }
+  const query = new URLSearchParams({ name: file.name, size: String(file.size) });
+  let response = await api.fetchApi(`/boft/check?${query}`, {
+    method: "POST", body: file.slice(0, headerEnd), headers: { "Content-Type": "application/octet-stream" },
+  });
+  const check = await jsonOf(response);
+  if (!response.ok) throw new Error(check.error);
+  if (!check.ok) {
+    if (check.workflow) return { fallback: true };
+    throw new Error(check.error);
+  }
+  response = await api.fetchApi(`/boft/upload?${new URLSearchParams({ name: file.name })}`, {
+    method: "POST", body: file, headers: { "Content-Type": "application/octet-stream" },
+  });
+  const stored = await jsonOf(response);
+  if (!response.ok) throw new Error(stored.error);
+  return stored;
+}
+
+/** Select `name` in a BOFT node's file widget, adding it to the widget's list if it is new. */
+export function selectFile(node, name) {
+  for (const other of app.graph?.nodes ?? []) {
+    const values = isBoftNode(other) && other.widgets?.find((w) => w.name === FILE_WIDGET)?.options?.values;
+    if (Array.isArray(values) && !values.includes(name)) {
+      values.push(name);
+      values.sort();
+    }
+  }
+  const widget = node.widgets?.find((w) => w.name === FILE_WIDGET);
+  if (!widget) return;
+  widget.value = name;
+  widget.callback?.(name, app.canvas, node);
+  node.setDirtyCanvas?.(true, true);
+}
+
+/** True if a drag carries files (names are unknown until the drop). */
+export function draggingFiles(event) {
+  return Array.from(event?.dataTransfer?.types ?? []).includes("Files");
+}
+
+export function safetensorsFiles(event) {
+  const files = Array.from(event?.dataTransfer?.files ?? []);
+  return files.length && files.every((f) => f.name.toLowerCase().endsWith(".safetensors")) ? files : [];
+}
+
+/** Upload dropped files; for each stored one call onStored(name, index). Messages go to toasts. */
+export async function addDroppedFiles(files, onStored) {
+  let index = 0;
+  for (const file of files) {
+    try {
+      const stored = await uploadBoft(file);
+      if (stored.fallback) {
+        await app.handleFile(file, "file_drop"); // a workflow inside: ComfyUI's own behaviour
+        continue;
+      }
+      onStored(stored.name, index++);
+      toast("success", stored.existed ? "BOFT file already there" : "BOFT file added",
+            `${stored.name} (${stored.format}) is in the loras folder.`);
+    } catch (error) {
+      toast("error", `Not added: ${file.name}`, `${error.message} Nothing was written.`);
+    }
+  }
+}

@@ -1,0 +1,261 @@
+// The info panel on "Load BOFT" nodes: what the selected file is, where it acts (a picture of
+// per-layer rotation distance by model block), its trigger words (click to copy), its training
+// metadata, and after a run what was applied. "Open" shows the same, larger, in a dialog.
+import { app } from "../../../scripts/app.js";
+import {
+  addDroppedFiles, copyText, draggingFiles, el, fetchInfo, FILE_WIDGET, formatBytes, isBoftNode,
+  safetensorsFiles, selectFile, toast,
+} from "./boft_common.js";
+import { livePicture } from "./boft_picture.js";
+
+const KEY_FIELDS = [
+  "ss_output_name", "ss_sd_model_name", "ss_base_model_version", "ss_network_module", "ss_network_dim",
+  "ss_network_alpha", "ss_network_args", "ss_num_train_images", "ss_num_epochs", "ss_steps",
+  "ss_learning_rate", "ss_resolution", "ss_training_started_at",
+];
+const PEFT_FIELDS = ["peft_type", "boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "target_modules"];
+const LONG = 600;
+const PANEL_HEIGHT = 420;
+const MIN_HEIGHT = 330;
+
+const counts = (pairs, fmt = String) => pairs.map(([v, n]) => (pairs.length > 1 ? `${fmt(v)} ×${n}` : fmt(v))).join(" · ");
+const clip = (text, n) => (text.length > n ? `${text.slice(0, n)}…` : text);
+
+function row(label, field, value, kind = "") {
+  return el("div", { class: `boft-row ${kind}` }, el("span", { class: "boft-key" }, label),
+            el("span", { class: "boft-value", dataset: { field } }, value));
+}
+
+function coverage(info, lastRun) {
+  if (!lastRun) return `${info.layers}`;
+  if (lastRun.total === null) return `${info.layers} · last run: ${lastRun.report}`;
+  return `${info.layers} · last run applied ${lastRun.applied} of ${lastRun.total}`;
+}
+
+function triggerChips(info, limit) {
+  const words = info.trigger_words ?? [];
+  if (!words.length) return el("div", { class: "boft-muted" }, "No trigger words (no ss_tag_frequency).");
+  const chip = ([word, count]) => el("button", {
+    class: "boft-chip", title: `Copy “${word}”`, dataset: { word },
+    onclick: async (event) => {
+      event.stopPropagation();
+      const ok = await copyText(word);
+      toast(ok ? "info" : "warn", ok ? "Copied" : "Copy failed", word, 1500);
+    },
+  }, word, el("span", { class: "boft-count" }, String(count)));
+  const shown = words.slice(0, limit).map(chip);
+  if (words.length > limit) shown.push(el("span", { class: "boft-muted" }, `+${words.length - limit} more`));
+  return el("div", { class: "boft-chips" }, shown);
+}
+
+function metadataRows(info, large) {
+  const meta = info.metadata ?? {};
+  const keys = large ? Object.keys(meta).filter((k) => k !== "ss_tag_frequency").sort()
+    : KEY_FIELDS.filter((k) => k in meta);
+  const rows = keys.map((k) => row(k, `meta:${k}`, clip(meta[k], large ? LONG * 4 : LONG), "boft-meta"));
+  const config = info.peft_config;
+  if (config) {
+    const shown = large ? Object.keys(config).sort() : PEFT_FIELDS.filter((k) => k in config);
+    for (const k of shown) rows.push(row(`peft ${k}`, `peft:${k}`, clip(JSON.stringify(config[k]), LONG), "boft-meta"));
+  }
+  return rows.length ? rows : [el("div", { class: "boft-muted" }, "No training metadata in this file.")];
+}
+
+/** The panel's content for `info` (and the node's last run) into `root`; returns the picture canvas. */
+function render(root, state, large) {
+  const { info, lastRun, error } = state;
+  if (error) {
+    root.replaceChildren(el("div", { class: "boft-error", dataset: { field: "error" } }, error));
+    return null;
+  }
+  if (!info) {
+    root.replaceChildren(el("div", { class: "boft-muted" }, state.name ? "Reading…" : "No file selected."));
+    return null;
+  }
+  const canvas = el("canvas", { class: "boft-picture", dataset: { field: "picture" } });
+  const notApplied = lastRun?.not_applied ?? [];
+  root.replaceChildren(...[
+    el("div", { class: "boft-title" },
+       el("span", { dataset: { field: "format" } }, info.format),
+       el("span", { class: "boft-muted", dataset: { field: "family" } }, ` · ${info.family}`)),
+    row("Layers", "layers", coverage(info, lastRun)),
+    notApplied.length ? row("Not applied", "not-applied", large ? notApplied.join(", ")
+      : `${notApplied.slice(0, 3).join(", ")}${notApplied.length > 3 ? ` and ${notApplied.length - 3} more` : ""}`)
+      : null,
+    row("Block size", "block-sizes", counts(info.block_sizes)),
+    row("Depth", "depths", counts(info.depths)),
+    row("Constraint", "constraints", counts(info.constraints, (v) => (v ? String(Number(v.toPrecision(3))) : "none"))),
+    row("Rescaled", "rescaled", `${info.rescaled} of ${info.layers}`),
+    el("div", { class: "boft-row" }, el("span", { class: "boft-key" }, "File"),
+       el("span", { class: "boft-value" }, el("span", { dataset: { field: "dtype" } }, info.dtype), " · ",
+          el("span", { dataset: { field: "size" } },
+             `${formatBytes(info.size)} · ${info.parameters.toLocaleString("en-US")} parameters`))),
+    el("div", { class: "boft-section" }, "Where it acts (‖B − I‖ per layer, by block)"),
+    canvas,
+    el("div", { class: "boft-section" }, "Trigger words ",
+       el("button", {
+         class: "boft-link", dataset: { field: "copy-all" }, title: "Copy the trigger_words output",
+         onclick: async (event) => {
+           event.stopPropagation();
+           if (await copyText(info.trigger_text)) toast("info", "Copied", info.trigger_text, 1500);
+         },
+       }, "copy all")),
+    triggerChips(info, large ? 200 : 12),
+    el("div", { class: "boft-section" }, "Training"),
+    ...metadataRows(info, large),
+  ].filter(Boolean));
+  return canvas;
+}
+
+class BoftPanel {
+  constructor(node) {
+    this.node = node;
+    this.state = { name: null, info: null, lastRun: null, error: null };
+    this.body = el("div", { class: "boft-body" });
+    this.element = el("div", { class: "boft-panel" },
+      el("button", { class: "boft-open", title: "Open larger", onclick: () => this.openDialog() }, "⤢ Open"),
+      this.body);
+    this.picture = null;
+    this.dialog = null;
+    // Drops on the panel never reach the canvas: take BOFT files here, like the node does.
+    this.onDragOver = (event) => { if (draggingFiles(event)) event.preventDefault(); };
+    this.onDrop = (event) => {
+      const files = safetensorsFiles(event);
+      if (!files.length) return;
+      event.preventDefault();
+      event.stopPropagation();
+      addDroppedFiles(files.slice(0, 1), (name) => selectFile(this.node, name));
+    };
+    this.element.addEventListener("dragover", this.onDragOver);
+    this.element.addEventListener("drop", this.onDrop);
+  }
+
+  async load() {
+    const name = this.node.widgets?.find((w) => w.name === FILE_WIDGET)?.value ?? null;
+    this.abort?.abort();
+    const abort = (this.abort = new AbortController());
+    if (name !== this.state.name) this.state = { name, info: null, lastRun: null, error: null };
+    if (!name) return this.show();
+    try {
+      const answer = await fetchInfo(name, this.node.id, abort.signal);
+      if (abort.signal.aborted) return;
+      this.state = answer.ok
+        ? { name, info: answer.info, lastRun: answer.info.last_run, error: null }
+        : { name, info: null, lastRun: null, error: answer.error };
+    } catch (error) {
+      if (error.name === "AbortError") return;
+      this.state = { name, info: null, lastRun: null, error: String(error.message ?? error) };
+    }
+    this.show();
+  }
+
+  show() {
+    this.element.dataset.state = this.state.error ? "error" : this.state.info ? "ready" : "loading";
+    this.picture?.dispose();
+    const canvas = render(this.body, this.state, false);
+    this.picture = canvas ? livePicture(canvas, () => this.state) : null;
+    if (this.dialog) this.renderDialog();
+    this.node.setDirtyCanvas?.(true, true);
+  }
+
+  openDialog() {
+    if (!this.dialog) {
+      const body = el("div", { class: "boft-body boft-large" });
+      const title = el("h3", { class: "boft-dialog-title" });
+      const dialog = el("dialog", { class: "boft-panel boft-dialog" },
+        el("button", { class: "boft-open", onclick: () => dialog.close() }, "Close"), title, body);
+      dialog.addEventListener("close", () => {
+        this.dialogPicture?.dispose();
+        dialog.remove();
+        this.dialog = null;
+      });
+      document.body.append(dialog);
+      this.dialog = { dialog, body, title };
+      dialog.showModal();
+    }
+    this.renderDialog();
+  }
+
+  renderDialog() {
+    const { body, title } = this.dialog;
+    title.textContent = this.state.name ?? "";
+    this.dialogPicture?.dispose();
+    const canvas = render(body, this.state, true);
+    this.dialogPicture = canvas ? livePicture(canvas, () => this.state) : null;
+  }
+
+  dispose() {
+    this.abort?.abort();
+    this.picture?.dispose();
+    this.dialog?.dialog.close();
+    this.element.removeEventListener("dragover", this.onDragOver);
+    this.element.removeEventListener("drop", this.onDrop);
+  }
+}
+
+/** Room for the numbers, the picture and the trigger words; resize the node to see more or less.
+ *  ComfyUI shares a node's free height equally among its growable widgets: ours and, after a run,
+ *  its run report. */
+function fitPanel(node) {
+  const growable = node.widgets?.filter((w) => w.computeLayoutSize && !w.computeSize).length || 1;
+  const want = node.computeSize()[1] + (PANEL_HEIGHT - MIN_HEIGHT) * growable;
+  if (node.size[1] < want) node.setSize([node.size[0], want]);
+  node.setDirtyCanvas?.(true, true);
+}
+
+function chain(proto, name, after) {
+  const original = proto[name];
+  proto[name] = function () {
+    const result = original?.apply(this, arguments);
+    after.apply(this, arguments);
+    return result;
+  };
+}
+
+app.registerExtension({
+  name: "comfyui-boft.panel",
+
+  setup() {
+    const href = new URL("../css/boft.css", import.meta.url).href;
+    if (!document.querySelector(`link[href="${href}"]`)) {
+      document.head.append(el("link", { rel: "stylesheet", href }));
+    }
+  },
+
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!isBoftNode({ comfyClass: nodeData.name })) return;
+    const proto = nodeType.prototype;
+    chain(proto, "onNodeCreated", function () {
+      const panel = (this.boftPanel = new BoftPanel(this));
+      const info = this.addDOMWidget("boft_info", "boft_info", panel.element, {
+        serialize: false, hideOnZoom: false, getMinHeight: () => MIN_HEIGHT,
+      });
+      info.serialize = false; // not part of widgets_values: saved workflows stay as they were
+      const widget = this.widgets?.find((w) => w.name === FILE_WIDGET);
+      if (widget) {
+        const callback = widget.callback;
+        widget.callback = function () {
+          const result = callback?.apply(this, arguments);
+          panel.load();
+          return result;
+        };
+      }
+      this.setSize([Math.max(this.size[0], 360), this.size[1]]);
+      fitPanel(this);
+      queueMicrotask(() => panel.load());
+    });
+    chain(proto, "onConfigure", function () { this.boftPanel?.load(); });
+    chain(proto, "onExecuted", function (output) {
+      if (!output?.boft_report) return;
+      this.boftPanel?.load();
+      requestAnimationFrame(() => fitPanel(this)); // ComfyUI's run report was added below the panel
+    });
+    chain(proto, "onRemoved", function () { this.boftPanel?.dispose(); });
+    const getExtraMenuOptions = proto.getExtraMenuOptions;
+    proto.getExtraMenuOptions = function (canvas, options) {
+      const result = getExtraMenuOptions?.apply(this, arguments);
+      options.unshift({ content: "BOFT info (large)", callback: () => this.boftPanel?.openDialog() }, null);
+      return result;
+    };
+  },
+});

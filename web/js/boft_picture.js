@@ -1,0 +1,113 @@
+// The picture of where an adapter acts: one bar per layer, its rotation's distance from the
+// identity (‖B − I‖_F / √n), grouped by model block, drawn on a <canvas>. No extension here.
+
+const COLORS = {
+  "text encoder": "#b07cd8", "text encoder 2": "#8f6bd0", in: "#7a8793", down: "#4f9be8",
+  mid: "#f0b43c", up: "#e8664f", out: "#7a8793", joint: "#4fc1a6", double: "#4f9be8", single: "#e8664f",
+};
+const SHORT = { "text encoder": "te", "text encoder 2": "te2" };
+const OTHER = ["#6fbf73", "#d06fa8", "#c9a25d", "#5db7c9"];
+
+function colorOf(section, others) {
+  if (COLORS[section]) return COLORS[section];
+  if (!others.has(section)) others.set(section, OTHER[others.size % OTHER.length]);
+  return others.get(section);
+}
+
+/** Draw `info.layer_stats` into `canvas` at its CSS size; returns a hit test (x, y) -> row|null.
+ *  Layers a run did not apply (lastRun.not_applied) are drawn hollow. */
+export function drawPicture(canvas, info, lastRun) {
+  const rows = info.layer_stats ?? [];
+  const groups = info.groups ?? [];
+  const width = canvas.clientWidth || 300;
+  const height = canvas.clientHeight || 100;
+  const ratio = window.devicePixelRatio || 1;
+  canvas.width = Math.round(width * ratio);
+  canvas.height = Math.round(height * ratio);
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, width, height);
+  const style = getComputedStyle(canvas);
+  const text = style.color || "#ddd";
+  ctx.font = `11px ${style.fontFamily || "sans-serif"}`;
+  if (!rows.length) return () => null;
+
+  const left = 4, right = 4, top = 14, bottom = 28;
+  const gap = 8;
+  const plotW = Math.max(10, width - left - right - gap * (groups.length - 1));
+  const plotH = Math.max(10, height - top - bottom);
+  const barW = plotW / rows.length;
+  const max = Math.max(...rows.map((r) => r.distance), 1e-12);
+  const skipped = new Set(lastRun?.not_applied ?? []);
+  const others = new Map();
+  const hits = [];
+
+  ctx.fillStyle = text;
+  ctx.textBaseline = "top";
+  ctx.textAlign = "left";
+  ctx.fillText(`max ‖B−I‖/√n = ${max.toPrecision(3)}`, left, 0);
+  ctx.globalAlpha = 0.25;
+  ctx.fillRect(left, top + plotH, width - left - right, 1);
+  ctx.globalAlpha = 1;
+
+  let x = left;
+  for (const group of groups) {
+    const color = colorOf(group.section, others);
+    const members = rows.filter((r) => r.section === group.section);
+    const start = x;
+    let level = members[0]?.level;
+    for (const row of members) {
+      if (row.level !== level) { // a thin tick between blocks of one section
+        ctx.globalAlpha = 0.35;
+        ctx.fillStyle = text;
+        ctx.fillRect(x, top + plotH + 2, 1, 4);
+        ctx.globalAlpha = 1;
+        level = row.level;
+      }
+      const h = Math.max(1, (row.distance / max) * plotH);
+      const w = Math.max(1, barW - (barW > 4 ? 1 : 0));
+      if (skipped.has(row.name)) {
+        ctx.strokeStyle = color;
+        ctx.strokeRect(x + 0.5, top + plotH - h + 0.5, Math.max(1, w - 1), h - 1);
+      } else {
+        ctx.fillStyle = color;
+        ctx.fillRect(x, top + plotH - h, w, h);
+      }
+      hits.push({ x0: x, x1: x + barW, row });
+      x += barW;
+    }
+    const label = `${group.section} ${Math.round(group.share * 100)}%`;
+    ctx.fillStyle = color;
+    ctx.textAlign = "center";
+    const mid = (start + x) / 2;
+    const room = x - start + gap;
+    const short = SHORT[group.section] ?? group.section;
+    const shown = [label, group.section, short].find((t) => ctx.measureText(t).width <= room) ?? "";
+    ctx.fillText(shown, Math.min(Math.max(mid, 20), width - 20), top + plotH + 8);
+    x += gap;
+  }
+  return (px) => hits.find((h) => px >= h.x0 && px < h.x1)?.row ?? null;
+}
+
+/** Keep `canvas` drawn at its size and give it a hover title (text only) per bar. */
+export function livePicture(canvas, getState) {
+  let hit = () => null;
+  const redraw = () => {
+    const { info, lastRun } = getState();
+    if (info) hit = drawPicture(canvas, info, lastRun);
+  };
+  const onMove = (event) => {
+    const row = hit(event.offsetX);
+    canvas.title = row ? `${row.name}\n${row.section}: ‖B−I‖/√n = ${row.distance.toPrecision(3)}` : "";
+  };
+  canvas.addEventListener("pointermove", onMove);
+  const observer = new ResizeObserver(redraw);
+  observer.observe(canvas);
+  return {
+    redraw,
+    dispose() {
+      observer.disconnect();
+      canvas.removeEventListener("pointermove", onMove);
+    },
+  };
+}
