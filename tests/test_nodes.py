@@ -5,6 +5,7 @@ Oracles: LyCORIS's own merge of its own file; PEFT's own merge; hand-computed co
 
 import copy
 import os
+import sys
 
 import oracles
 import pytest
@@ -191,9 +192,19 @@ def test_chains_with_lora_in_both_orders(comfy, pack, sd15_ckpt, loras_dir, lyco
 
 
 def comfy_nodes_lora():
-    import importlib
+    """Core's LoraLoaderModelOnly from ComfyUI's own nodes.py (never this repo's nodes/ package)."""
+    import importlib.util
 
-    return importlib.import_module("nodes").LoraLoaderModelOnly()
+    from comfy_host import comfyui_dir
+
+    path = comfyui_dir() / "nodes.py"
+    module = sys.modules.get("nodes")
+    if module is None or getattr(module, "__file__", None) != str(path):
+        spec = importlib.util.spec_from_file_location("nodes", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["nodes"] = module
+        spec.loader.exec_module(module)
+    return module.LoraLoaderModelOnly()
 
 
 def test_wrong_base_model_fails_clearly_and_touches_nothing(comfy, pack, sd15_ckpt, loras_dir):
