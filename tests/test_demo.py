@@ -2,7 +2,6 @@
 
 import re
 import subprocess
-import time
 import urllib.error
 import urllib.request
 
@@ -10,17 +9,12 @@ import numpy as np
 from comfy_host import REPO_ROOT, venv_python
 from PIL import Image
 
-DEMO_BUDGET_S = 60  # after setup, from a folder with nothing built yet
-
 
 def test_demo_writes_before_and_after_and_stops(tmp_path):
-    started = time.monotonic()
     proc = subprocess.run([venv_python(), str(REPO_ROOT / "scripts" / "demo.py"), "--no-wait", "--dir", str(tmp_path)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    elapsed = time.monotonic() - started
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
-    assert elapsed < DEMO_BUDGET_S, f"the demo took {elapsed:.1f} s\n{proc.stdout}"
 
     paths = dict(re.findall(r"^(before|after): +(\S+)$", proc.stdout, re.M))
     assert set(paths) == {"before", "after"}, proc.stdout
