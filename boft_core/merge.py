@@ -15,12 +15,13 @@ result has the weight's own dtype.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .butterfly import apply_stages, cayley
+from .butterfly import cayley
+from .fast import Butterfly
 from .formats import BoftError, BoftLayer
 
 MODES = ("lycoris", "linear", "orthogonal")
@@ -58,6 +59,14 @@ class Patch:
     scale: torch.Tensor | None  # (out,)
     blend: float | None  # linear mode: W + blend * (W' - W); None otherwise
     bias: torch.Tensor | None = None  # PEFT trained bias, blended by strength
+    _plans: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def butterfly(self, transpose: bool = False) -> Butterfly:
+        """``B`` (or ``Bᵀ``) as dense blocks, built on first use and kept with the patch."""
+        plan = self._plans.get(transpose)
+        if plan is None:
+            plan = self._plans[transpose] = Butterfly(self.rotations, self.layout, transpose)
+        return plan
 
 
 def prepare(layer: BoftLayer, strength: float = 1.0, mode: str = "lycoris",
@@ -98,11 +107,11 @@ def _check(patch: Patch, rows: int, cols: int, shape) -> None:
 def _rotate(patch: Patch, flat: torch.Tensor) -> torch.Tensor:
     """``scale * B W`` (output side) or ``scale * W Bᵀ`` (input side) on a 2-D weight."""
     if patch.side == "out":
-        new = apply_stages(flat, patch.rotations, patch.layout)
+        new = patch.butterfly().apply(flat)
     else:
-        new = apply_stages(flat.t(), patch.rotations, patch.layout).t()
+        new = patch.butterfly().apply(flat.t()).t()
     if patch.scale is not None:
-        new = new * patch.scale.unsqueeze(1)
+        new.mul_(patch.scale.unsqueeze(1))  # new is ours: no second weight-sized buffer
     return new
 
 
@@ -154,7 +163,7 @@ def merge_bias(bias: torch.Tensor | None, patch: Patch, strength: float) -> torc
 def _rotate_channels(patch: Patch, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
     moved = y.movedim(channel_dim, 0)
     flat = moved.reshape(moved.shape[0], -1)
-    out = apply_stages(flat, patch.rotations, patch.layout)
+    out = patch.butterfly().apply(flat)
     if patch.scale is not None:
         out = out * patch.scale.unsqueeze(1)
     return out.reshape(moved.shape).movedim(0, channel_dim)
@@ -193,7 +202,7 @@ def bypass_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     else:
         # W Bᵀ x: rotate the input features by Bᵀ, as row vectors x B.
         rows = x.reshape(-1, x.shape[-1]).t()
-        rotated = apply_stages(rows, patch.rotations, patch.layout, transpose=True).t()
+        rotated = patch.butterfly(transpose=True).apply(rows).t()
         new = F.linear(rotated.reshape(x.shape), weight)
         if patch.scale is not None:
             new = new * patch.scale

@@ -74,7 +74,8 @@ class BOFTAdapter(WeightAdapterBase):
         dtype = torch.promote_types(intermediate_dtype, torch.float32)
         new = apply(self.patch_for(strength, weight.device, dtype), weight)
         # In place: for offset patches ComfyUI keeps the narrowed view's base, not our return value.
-        weight += function(new - weight)
+        # new - weight computed into new itself: no second weight-sized buffer.
+        weight += function(new.sub_(weight))
         return weight
 
 

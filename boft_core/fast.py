@@ -1,0 +1,236 @@
+"""The butterfly ``B @ x`` as a few dense batched matmuls: the fast path of ``apply_stages``.
+
+Why it is equal (see ``butterfly.py``): write a row index as ``r = (top, q_{m-1} .. q_0, u)``
+with ``u = r mod h`` (``h = b / 2``) and one bit ``q_i`` per stage. Stage ``i`` only mixes
+``(q_i, u)``, with one ``b x b`` block for every value of the other bits. So a run of stages
+``s .. e-1`` only mixes ``(q_s .. q_{e-1}, u)``: for every value of the other bits it is one
+dense ``d x d`` matrix, ``d = h * 2^(e - s)``. Stages ``0 .. L-1`` mix contiguous rows, so the
+first run is a plain batched matmul on ``x``; a later run needs its bits next to ``u``: a
+strided view where the layout allows (the product's rows may be written in either order),
+else a row gather. ``B`` becomes ``k`` batched matmuls of ``d x d`` blocks and at most ``k``
+gathers instead of ``m`` gathers, tiny matmuls and scatters. On the CPU the columns are done
+a slice at a time, so every pass but the first read and the last write stays in the cache.
+
+:class:`Butterfly` holds the dense blocks (build it once per rotation tensor and reuse it);
+:func:`apply_stages` has the contract of ``butterfly.apply_stages``, which stays the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .butterfly import CONCATENATED, INTERLEAVED, check_butterfly_shape
+
+# Largest dense block d (rows mixed by one batched matmul). Larger blocks mean fewer passes
+# over the weight but more arithmetic (2*d multiply-adds per element and pass); measured in
+# bench/RESULTS.md.
+CPU_BLOCK = 40
+GPU_BLOCK = 80
+# Column slice on the CPU, in elements of the (rows x slice) working buffer: a few MB of float32
+# stay in the cache between passes.
+CPU_SLICE = 1 << 18
+
+
+def _split(m: int, h: int, max_block: int) -> list[tuple[int, int]]:
+    """Stages ``0..m-1`` cut into runs ``[s, e)`` of near-equal length with ``h*2^(e-s)`` at most
+    ``max_block`` (one stage per run if even that is larger)."""
+    per_run = max(1, int(math.floor(math.log2(max(max_block / h, 1.0)))))
+    runs = -(-m // per_run)
+    bounds = [round(i * m / runs) for i in range(runs + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _schedule(start: tuple, axes: list[int], unit: int):
+    """Row layouts for the steps that need the fewest row gathers.
+
+    A step on run axis ``g`` multiplies ``(batch, d, w)`` views of ``x`` whose rows are
+    ``(g, u)``: that needs ``g`` right before ``u`` and the other axes on one side, so that
+    the batch has one stride (``[others, g, u]`` or ``[g, u, others]``). Otherwise the rows are
+    gathered into such a layout first. A product's rows may come out as ``(g, u)`` or
+    ``(u, g)`` (reordering the blocks' rows is free), after the batch axes. Returns per step
+    ``(layout used, order of the product's rows)`` and the layout left at the end.
+    """
+    states = {start: (0, [])}  # layout -> (gathers so far, choices)
+    for g in axes:
+        following = {}
+        for layout, (cost, choices) in states.items():
+            others = tuple(a for a in layout if a not in (g, unit))
+            options = [(target, cost + 1) for target in (others + (g, unit), (g, unit) + others)]
+            i = layout.index(g)
+            if layout[i + 1:i + 2] == (unit,) and (i == 0 or i + 2 == len(layout)):
+                options.insert(0, (layout, cost))  # already a valid view: no gather
+            for target, total in options:
+                for out in ((g, unit), (unit, g)):
+                    nxt = others + out
+                    if nxt not in following or total < following[nxt][0]:
+                        following[nxt] = (total, choices + [(target, out)])
+        states = following
+    end = min(states, key=lambda lay: states[lay][0] + (lay != start))
+    return states[end][1], end
+
+
+class Butterfly:
+    """``B`` (or ``Bᵀ``) of ``rotations`` (m, nb, b, b) as dense blocks, ready for many ``x``.
+
+    ``apply(x)`` equals ``butterfly.apply_stages(x, rotations, layout, transpose)`` for any
+    ``x`` of shape ``(nb*b, ...)`` with the rotations' dtype and device.
+    """
+
+    def __init__(self, rotations: torch.Tensor, layout: str, transpose: bool = False,
+                 max_block: int | None = None):
+        layout_name = layout
+        if layout not in (INTERLEAVED, CONCATENATED):
+            raise ValueError(f"unknown butterfly layout {layout!r}")
+        if rotations.ndim != 4 or rotations.shape[-1] != rotations.shape[-2]:
+            raise ValueError(f"rotations must be (m, nb, b, b), got {tuple(rotations.shape)}")
+        m, nb, b, _ = rotations.shape
+        why = check_butterfly_shape(m, nb, b, layout)
+        if why:
+            raise ValueError(f"rotations of shape {tuple(rotations.shape)}: {why}")
+        if max_block is None:
+            max_block = GPU_BLOCK if rotations.device.type == "cuda" else CPU_BLOCK
+        self.n = nb * b
+        self.transpose = transpose
+        if b % 2:  # one stage of contiguous odd blocks (concatenated layout only)
+            self.unit, self.sizes = b, [nb]
+            runs = [(0, 1)]
+        else:
+            self.unit = b // 2
+            runs = _split(m, self.unit, max_block)
+            # Row axes, most significant first: top, then one axis per run (last run first).
+            self.sizes = [nb // 2 ** (m - 1)] + [2 ** (e - s) for s, e in reversed(runs)]
+        # Row axes: ids 0..len(sizes)-1 (id 0 = top, id len-1-j = run j), then u (id len(sizes));
+        # axes of size 1 play no part in the memory order.
+        dims = self.sizes + [self.unit]
+        unit = len(self.sizes)
+        start = tuple(a for a in range(len(dims)) if dims[a] > 1 or a == unit)
+        axes = [unit - 1 - j for j in range(len(runs))]  # run j's axis, in the order B applies
+        if transpose:
+            axes.reverse()
+        schedule, end = _schedule(start, axes, unit)
+        rows = torch.arange(self.n, device=rotations.device)
+        self.steps = []  # (rows to gather or None, (batch, d, batch stride, row stride), blocks)
+        layout = start
+        for axis, (target, out) in zip(axes, schedule, strict=True):
+            others = [a for a in target if a not in (axis, unit)]
+            j = unit - 1 - axis
+            ones = [a for a in range(unit) if dims[a] == 1]  # size-1 axes: anywhere in the batch
+            blocks = self._blocks(rotations, layout_name, runs[j], axis, ones + others + [axis])
+            if transpose:
+                blocks = blocks.transpose(-1, -2)
+            batch, d = blocks.shape[0], blocks.shape[1]
+            if out[0] == unit:  # write the product's rows as (u, run axis): a free reorder
+                blocks = blocks.reshape(batch, dims[axis], self.unit, d).transpose(1, 2)
+            view = (batch, d, d, 1) if target[-1] == unit else (batch, d, 1, batch)
+            gather = self._gather(rows, dims, layout, target)
+            self.steps.append((gather, view, blocks.reshape(batch, d, d).contiguous()))
+            layout = tuple(others) + out
+        # The last product's rows are laid out as ``end``: result = last[final].
+        self.final = self._gather(rows, dims, end, start)
+        self.final_inverse = None if self.final is None else torch.argsort(self.final)
+
+    def _gather(self, rows, dims, layout, target) -> torch.Tensor | None:
+        """Row indices that take rows laid out as ``layout`` to ``target``; None if equal."""
+        if target == layout:
+            return None
+        perm = [layout.index(a) for a in target]
+        return rows.view([dims[a] for a in layout]).permute(perm).reshape(-1)
+
+    def _blocks(self, rotations, layout, run, axis, target) -> torch.Tensor:
+        """Dense blocks of the stages in ``run``, one per value of the other axes, ``target`` order.
+
+        Applies the stages to a probe that is the identity on the run's axis and ``u``, repeated
+        for every value of the other axes, and reads the blocks off the result.
+        """
+        d = self.sizes[axis] * self.unit
+        others = [a for a in range(len(self.sizes)) if a != axis]
+        eye = torch.eye(d, dtype=rotations.dtype, device=rotations.device)
+        probe = eye.expand(self.n // d, d, d).reshape(
+            [self.sizes[a] for a in others] + [self.sizes[axis], self.unit, d])
+        probe = probe.movedim(len(others), axis).reshape(self.n, d)  # rows in original order
+        for i in range(*run):
+            probe = _stage(probe, rotations[i], i, layout)
+        # probe[r, c] = block(other axes of r)[local position of r, c]
+        perm = target + [len(self.sizes), len(self.sizes) + 1]
+        return probe.view(self.sizes + [self.unit, d]).permute(perm).reshape(-1, d, d)
+
+    def apply(self, x: torch.Tensor, slice_cols: int | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """``B @ x`` (``Bᵀ @ x`` if built with ``transpose``) for ``x`` (n, ...).
+
+        ``out``: where to write the result; it may be ``x`` itself (each column slice is read
+        before it is written), which spares a new weight-sized buffer. Default: a new tensor,
+        with a transposed 2-D view's strides if ``x`` is one. ``slice_cols``: columns per pass
+        (default: all on a GPU, a cache-sized slice on the CPU).
+        """
+        if x.shape[0] != self.n:
+            raise ValueError(
+                f"butterfly acts on {self.n} rows, got a tensor of shape {tuple(x.shape)}"
+            )
+        if out is not None and out.shape != x.shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}, x {tuple(x.shape)}")
+        flat = x.reshape(self.n, -1)
+        cols = flat.shape[1]
+        if slice_cols is None:
+            slice_cols = max(32, CPU_SLICE // self.n) if x.device.type == "cpu" else cols
+        if out is None and slice_cols >= cols and flat.is_contiguous():  # whole width (GPU)
+            result = self._run(flat)
+            if self.final is not None:
+                result = result.index_select(0, self.final)
+            return result.view(x.shape)
+        dest = torch.empty_like(flat) if out is None else out.view(self.n, cols)
+        for c0 in range(0, cols, slice_cols):
+            part = self._run(flat[:, c0:c0 + slice_cols])
+            cut = dest[:, c0:c0 + part.shape[1]]
+            if self.final is None:
+                cut.copy_(part)
+            else:
+                cut.index_copy_(0, self.final_inverse, part)
+        return dest.view(x.shape) if out is None else out
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """All steps on ``x`` (n, w): a new (n, w) tensor, rows as the last step left them."""
+        width = x.shape[1]
+        for rows, (batch, d, batch_stride, row_stride), blocks in self.steps:
+            if rows is not None:
+                x = x.index_select(0, rows)
+            s0, s1 = x.stride()
+            x = x.as_strided((batch, d, width), (batch_stride * s0, row_stride * s0, s1),
+                             x.storage_offset())
+            x = torch.bmm(blocks, x).view(self.n, width)
+        return x
+
+
+def _stage(x: torch.Tensor, rot: torch.Tensor, i: int, layout: str) -> torch.Tensor:
+    """``M_i @ x`` for stage ``i`` with blocks ``rot`` (nb, b, b) and ``x`` (n, w), by einsum.
+
+    Rows are ``(group, half, chunk, u)``; block ``(group, chunk)`` mixes ``(half, u)`` ordered
+    ``(u, half)`` (interleaved) or ``(half, u)`` (concatenated); see ``butterfly.stage_index``.
+    """
+    nb, b, _ = rot.shape
+    w = x.shape[1]
+    if b % 2:  # odd blocks: one stage of contiguous blocks
+        return torch.bmm(rot, x.view(nb, b, w)).view(-1, w)
+    h, chunks = b // 2, 2**i
+    xs = x.view(nb // chunks, 2, chunks, h, w)
+    if layout == INTERLEAVED:
+        out = torch.einsum("gcxayb,gbcyw->gacxw", rot.view(-1, chunks, h, 2, h, 2), xs)
+    else:
+        out = torch.einsum("gcaxby,gbcyw->gacxw", rot.view(-1, chunks, 2, h, 2, h), xs)
+    return out.reshape(-1, w)
+
+
+def apply_stages(x: torch.Tensor, rotations: torch.Tensor, layout: str,
+                 transpose: bool = False) -> torch.Tensor:
+    """``B @ x`` (or ``Bᵀ @ x``); same contract and result as ``butterfly.apply_stages``.
+
+    Builds the dense blocks on every call; keep a :class:`Butterfly` to reuse them.
+    """
+    m, nb, b, _ = rotations.shape
+    if x.shape[0] != nb * b:
+        raise ValueError(
+            f"butterfly acts on {nb * b} rows, got a tensor of shape {tuple(x.shape)}"
+        )
+    return Butterfly(rotations, layout, transpose).apply(x)

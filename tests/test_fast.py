@@ -1,0 +1,212 @@
+"""The fast butterfly (boft_core.fast) against the simple reference and a float64 dense matrix."""
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+from boft_core import butterfly, fast, merge
+from boft_core.formats import BoftLayer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAYOUTS = (butterfly.INTERLEAVED, butterfly.CONCATENATED)
+# (m, nb, b): m = 1 (also odd b, concatenated only), full butterflies (nb = 2^(m-1)), block
+# counts that are multiples of 2^(m-1) (PEFT), the SDXL shapes' m/b, and b = 2 (h = 1).
+SHAPES = [(1, 1, 4), (1, 6, 4), (1, 5, 3), (1, 4, 7), (2, 2, 4), (2, 6, 6), (3, 4, 2),
+          (3, 8, 10), (3, 12, 4), (4, 8, 12), (5, 16, 6), (6, 32, 10), (7, 64, 10)]
+DTYPES = {torch.float64: 1e-12, torch.float32: 2e-6}
+
+
+def rotations(m, nb, b, dtype, gen):
+    """Orthogonal random blocks, as prepare() makes them."""
+    a = torch.randn(m, nb, b, b, generator=gen, dtype=torch.float64) * 0.3
+    return butterfly.cayley(a - a.transpose(-1, -2)).to(dtype)
+
+
+def dense(rot: torch.Tensor, layout: str) -> torch.Tensor:
+    """B = M_{m-1} ... M_0 in float64, written from the formulas in boft-formats.md."""
+    m, nb, b, _ = rot.shape
+    n = nb * b
+    total = torch.eye(n, dtype=torch.float64)
+    for i in range(m):
+        if b % 2:  # odd blocks: one stage of contiguous blocks
+            order = torch.arange(n)
+        elif layout == butterfly.INTERLEAVED:  # LyCORIS: view(-1, 2, k).transpose(1, 2)
+            order = torch.arange(n).view(-1, 2, 2**i * b // 2).transpose(1, 2).flatten()
+        else:  # PEFT: chunks c and c + 2^i of b/2 rows, concatenated
+            order = torch.arange(n).view(-1, 2, 2**i, b // 2).permute(0, 2, 1, 3).flatten()
+        stage = torch.zeros(n, n, dtype=torch.float64)
+        for t in range(nb):
+            idx = order[t * b:(t + 1) * b]
+            stage[idx.unsqueeze(1), idx.unsqueeze(0)] = rot[i, t].double()
+        total = stage @ total
+    return total
+
+
+def seed(*parts) -> int:
+    """A fixed seed per test case (fresh data per case, reproducible across runs)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def valid(layout, m, nb, b):
+    return butterfly.check_butterfly_shape(m, nb, b, layout) is None
+
+
+CASES = [(layout, shape) for layout in LAYOUTS for shape in SHAPES if valid(layout, *shape)]
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("layout,shape", CASES)
+def test_fast_matches_reference_and_dense(layout, shape, dtype, transpose):
+    m, nb, b = shape
+    gen = torch.Generator().manual_seed(seed(layout, shape, dtype, transpose))
+    rot = rotations(m, nb, b, dtype, gen)
+    x = torch.randn(nb * b, 11, generator=gen, dtype=torch.float64).to(dtype)
+    mat = dense(rot, layout)
+    want = (mat.t() if transpose else mat) @ x.double()
+    ref = butterfly.apply_stages(x, rot, layout, transpose)
+    tol = DTYPES[dtype]
+    for max_block in (None, 1, 8, 24, 10_000):  # every run length from one stage to all
+        plan = fast.Butterfly(rot, layout, transpose, max_block=max_block)
+        for slice_cols in (None, 1, 4):
+            got = plan.apply(x, slice_cols=slice_cols)
+            assert got.dtype == dtype and got.shape == x.shape
+            scale = want.abs().max()
+            assert (got.double() - want).abs().max() <= tol * scale, (max_block, slice_cols)
+            assert (got - ref).abs().max() <= tol * scale, (max_block, slice_cols)
+    got = fast.apply_stages(x, rot, layout, transpose=transpose)
+    assert (got.double() - want).abs().max() <= tol * want.abs().max()
+
+
+def test_dense_reference_is_the_reference():
+    """The test's own dense matrix agrees with butterfly.dense_matrix (two readings of one spec)."""
+    gen = torch.Generator().manual_seed(3)
+    for layout in LAYOUTS:
+        rot = rotations(4, 8, 6, torch.float64, gen)
+        assert torch.allclose(dense(rot, layout), butterfly.dense_matrix(rot, layout), atol=1e-13)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_input_shapes_strides_and_no_mutation(layout):
+    gen = torch.Generator().manual_seed(5)
+    rot = rotations(5, 16, 4, torch.float32, gen)
+    n = 64
+    plan = fast.Butterfly(rot, layout)
+    for x in (torch.randn(n, generator=gen), torch.randn(n, 3, 5, generator=gen),
+              torch.randn(n, 3, 3, 3, generator=gen)):
+        keep = x.clone()
+        got = plan.apply(x, slice_cols=4)
+        assert got.shape == x.shape and torch.equal(x, keep)
+        want = butterfly.apply_stages(x, rot, layout)
+        assert torch.allclose(got, want, atol=1e-5)
+    wide = torch.randn(37, n, generator=gen)
+    xt = wide.t()  # (n, 37) transposed view, as merge uses for input-side layers
+    for slice_cols in (None, 5, 100):
+        got = plan.apply(xt, slice_cols=slice_cols)
+        assert got.stride() == xt.stride()
+        assert torch.allclose(got, butterfly.apply_stages(xt, rot, layout), atol=1e-5)
+        assert got.data_ptr() != xt.data_ptr()
+    with pytest.raises(ValueError, match="acts on 64 rows"):
+        plan.apply(torch.randn(65, 2))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_out_and_in_place(layout, transpose):
+    gen = torch.Generator().manual_seed(seed("out", layout, transpose))
+    rot = rotations(6, 32, 6, torch.float64, gen)
+    plan = fast.Butterfly(rot, layout, transpose, max_block=12)
+    for slice_cols in (None, 3, 1000):
+        x = torch.randn(192, 4, 5, generator=gen, dtype=torch.float64)
+        want = butterfly.apply_stages(x, rot, layout, transpose)
+        out = torch.full_like(x, float("nan"))
+        assert plan.apply(x, slice_cols=slice_cols, out=out) is out
+        assert torch.allclose(out, want, atol=1e-12)
+        assert plan.apply(x, slice_cols=slice_cols, out=x) is x  # in place
+        assert torch.allclose(x, want, atol=1e-12)
+    with pytest.raises(ValueError, match="out has shape"):
+        plan.apply(torch.randn(192, 3, dtype=torch.float64), out=torch.empty(192, 4))
+
+
+def test_rejects_bad_rotations():
+    with pytest.raises(ValueError, match="odd"):
+        fast.Butterfly(torch.randn(2, 2, 3, 3), butterfly.CONCATENATED)
+    with pytest.raises(ValueError, match="layout"):
+        fast.Butterfly(torch.randn(1, 2, 4, 4), "diagonal")
+
+
+@pytest.mark.parametrize("kind", ["lycoris-boft", "peft-boft", "kohya-boft", "lycoris-diag-oft"])
+@pytest.mark.parametrize("mode", ["lycoris", "linear", "orthogonal"])
+def test_merge_uses_fast_path_correctly(kind, mode):
+    """merge.apply (fast path) equals the reference formula on conv and linear weights."""
+    gen = torch.Generator().manual_seed(seed(kind, mode))
+    m, nb, b = (1, 8, 4) if kind == "lycoris-diag-oft" else (3, 8, 4)
+    n = nb * b
+    side_out = kind.startswith("lycoris")
+    shape = (n, 4, 3, 3) if side_out else (24, n)  # conv rotated on outputs; linear on inputs
+    scale = 1 + 0.1 * torch.randn(shape[0], generator=gen)
+    layer = BoftLayer("x", kind, torch.randn(m, nb, b, b, generator=gen) * 0.1, scale=scale)
+    weight = torch.randn(shape, generator=gen, dtype=torch.float64)
+    patch = merge.prepare(layer, 0.7, mode, dtype=torch.float64)
+    flat = weight.reshape(shape[0], -1)
+    if layer.side == "out":
+        rotated = butterfly.apply_stages(flat, patch.rotations, patch.layout)
+    else:
+        rotated = butterfly.apply_stages(flat.t(), patch.rotations, patch.layout).t()
+    rotated = rotated * patch.scale.unsqueeze(1)
+    want = rotated if patch.blend is None else flat + patch.blend * (rotated - flat)
+    got = merge.apply(patch, weight)
+    assert got.shape == weight.shape and got.is_contiguous()
+    assert torch.allclose(got.reshape(shape[0], -1), want, atol=1e-12)
+
+
+def test_bypass_forward_matches_merge_with_fast_path():
+    gen = torch.Generator().manual_seed(11)
+    for kind in ("lycoris-boft", "peft-boft"):
+        layer = BoftLayer("x", kind, torch.randn(4, 8, 4, 4, generator=gen) * 0.1,
+                          scale=1 + 0.1 * torch.randn(32, generator=gen))
+        patch = merge.prepare(layer, 1.0, "lycoris", dtype=torch.float64)
+        weight = torch.randn(32, 32, generator=gen, dtype=torch.float64)
+        x = torch.randn(2, 7, 32, generator=gen, dtype=torch.float64)
+        merged = merge.apply(patch, weight)
+        got = merge.bypass_forward(x, weight, None, patch)
+        assert torch.allclose(got, x @ merged.t(), atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fast_on_cuda(layout):
+    gen = torch.Generator().manual_seed(13)
+    rot = rotations(6, 32, 10, torch.float64, gen)
+    x = torch.randn(320, 50, generator=gen, dtype=torch.float64)
+    want = butterfly.apply_stages(x, rot, layout)
+    got = fast.Butterfly(rot.cuda(), layout).apply(x.cuda()).cpu()
+    assert torch.allclose(got, want, atol=1e-12)
+
+
+def comfyui_dir():
+    return os.environ.get("BOFT_COMFYUI_DIR") or os.path.join(ROOT, ".comfyui", "ComfyUI")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(comfyui_dir(), "comfy", "lora.py")),
+                    reason="no ComfyUI checkout (scripts/setup.sh makes one)")
+def test_bench_smoke(tmp_path):
+    """A seconds-long bench run: ours agrees with the float64 reference and with core at s = 1."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--subset", "3", "--runs",
+           "1", "--accuracy-layers", "3", "--comfyui", comfyui_dir(), "--json", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert "errors" not in data, data["errors"]
+    assert len(data["accuracy"]) == 3
+    for row in data["accuracy"]:
+        assert row["change"] > 0.01  # the adapter really rotates the weight
+        for name in ("core", "node", "ours", "ours+plan", "in place"):
+            assert row[name] <= 1e-5, row
+    assert "Whole set" in res.stdout
