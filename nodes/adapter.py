@@ -22,6 +22,7 @@ class BOFTAdapter(WeightAdapterBase):
         self.loaded_keys = loaded_keys
         self.weights = weights
         self._patches = {}  # (strength, device, dtype) -> boft_core Patch: one rotation per strength
+        self._fits = set()  # weight shapes already checked (the low-VRAM path calls us per forward)
 
     @classmethod
     def from_layer(cls, layer: BoftLayer, mode: str) -> BOFTAdapter:
@@ -66,11 +67,12 @@ class BOFTAdapter(WeightAdapterBase):
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
-        layer = self.layer()
-        try:
-            check_weight(layer, weight.shape)
-        except BoftError as e:
-            raise BoftError(f"{key}: {e}") from None
+        if weight.shape not in self._fits:
+            try:
+                check_weight(self.layer(), weight.shape)
+            except BoftError as e:
+                raise BoftError(f"{key}: {e}") from None
+            self._fits.add(weight.shape)
         dtype = torch.promote_types(intermediate_dtype, torch.float32)
         new = apply(self.patch_for(strength, weight.device, dtype), weight)
         # In place: for offset patches ComfyUI keeps the narrowed view's base, not our return value.
