@@ -163,32 +163,26 @@ def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, uniq
     return new_model, new_clip, report
 
 
-def _common_inputs():
-    return {
-        "boft_name": (folder_paths.get_filename_list("loras"), {
-            "tooltip": "The BOFT file, from the loras folder (LyCORIS BOFT/diag-OFT, kohya networks.boft, "
-                       "or a PEFT adapter folder through its adapter_model.safetensors)."}),
-        "strength_model": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                     "tooltip": STRENGTH_TOOLTIP}),
-    }
+def _inputs(with_clip: bool) -> dict:
+    """Both loaders' inputs, in UI order; the model-only loader leaves out clip and strength_clip."""
+    strength = {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": STRENGTH_TOOLTIP}
+    required = {"model": ("MODEL", {"tooltip": "The diffusion model the BOFT is applied to."})}
+    if with_clip:
+        required["clip"] = ("CLIP", {"tooltip": "The text encoder the BOFT's text-encoder layers are applied to."})
+    required["boft_name"] = (folder_paths.get_filename_list("loras"), {
+        "tooltip": "The BOFT file, from the loras folder (LyCORIS BOFT/diag-OFT, kohya networks.boft, "
+                   "or a PEFT adapter folder through its adapter_model.safetensors)."})
+    required["strength_model"] = ("FLOAT", strength)
+    if with_clip:
+        required["strength_clip"] = ("FLOAT", dict(strength))
+    required["mode"] = (list(MODES), {"default": "lycoris", "tooltip": MODE_TOOLTIP})
+    return {"required": required, "hidden": {"unique_id": "UNIQUE_ID"}}
 
 
 class BOFTLoader:
     @classmethod
     def INPUT_TYPES(cls):
-        common = _common_inputs()
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model the BOFT is applied to."}),
-                "clip": ("CLIP", {"tooltip": "The text encoder the BOFT's text-encoder layers are applied to."}),
-                "boft_name": common["boft_name"],
-                "strength_model": common["strength_model"],
-                "strength_clip": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                            "tooltip": STRENGTH_TOOLTIP}),
-                "mode": (list(MODES), {"default": "lycoris", "tooltip": MODE_TOOLTIP}),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+        return _inputs(with_clip=True)
 
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
     RETURN_NAMES = ("MODEL", "CLIP", "trigger_words")
@@ -206,16 +200,7 @@ class BOFTLoader:
 class BOFTLoaderModelOnly:
     @classmethod
     def INPUT_TYPES(cls):
-        common = _common_inputs()
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model the BOFT is applied to."}),
-                "boft_name": common["boft_name"],
-                "strength_model": common["strength_model"],
-                "mode": (list(MODES), {"default": "lycoris", "tooltip": MODE_TOOLTIP}),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+        return _inputs(with_clip=False)
 
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("MODEL", "trigger_words")
