@@ -1,9 +1,9 @@
 """boft_core: read BOFT adapter files and merge them exactly. Pure torch; never imports ComfyUI."""
 
 from .formats import FORMATS, BoftError, BoftFile, BoftLayer, load, read_header, trigger_words
-from .merge import MODES, Patch, apply, bypass_forward, check_weight, merge_bias, merge_weight, prepare
+from .merge import MODES, Patch, apply, apply_, bypass_forward, check_weight, merge_bias, merge_weight, prepare
 
 __all__ = [
-    "FORMATS", "MODES", "BoftError", "BoftFile", "BoftLayer", "Patch", "apply", "bypass_forward", "check_weight",
-    "load", "merge_bias", "merge_weight", "prepare", "read_header", "trigger_words",
+    "FORMATS", "MODES", "BoftError", "BoftFile", "BoftLayer", "Patch", "apply", "apply_", "bypass_forward",
+    "check_weight", "load", "merge_bias", "merge_weight", "prepare", "read_header", "trigger_words",
 ]

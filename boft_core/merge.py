@@ -129,6 +129,40 @@ def apply(patch: Patch, weight: torch.Tensor) -> torch.Tensor:
     return new.reshape(weight.shape).to(weight.dtype)
 
 
+def apply_(patch: Patch, weight: torch.Tensor) -> bool:
+    """``W'`` written into ``weight`` itself when it can be: a float32/float64 weight of the
+    patch's dtype that is a view of its own rows (ComfyUI's float32 working copy, or a row slice of
+    it), and a mode without a blend. Returns False, leaving ``weight`` untouched, when it cannot;
+    then use :func:`apply`. Needs no weight-sized buffer on the CPU.
+    """
+    if patch.blend is not None or weight.dtype != patch.rotations.dtype or weight.ndim < 2:
+        return False
+    if weight.device != patch.rotations.device:
+        return False
+    flat = weight.view(weight.shape[0], -1) if _viewable(weight) else None
+    if flat is None:
+        return False
+    _check(patch, flat.shape[0], flat.shape[1], weight.shape)
+    if patch.side == "out":
+        patch.butterfly().apply(flat, out=flat)
+    else:
+        cols = flat.t()
+        patch.butterfly().apply(cols, out=cols)
+    if patch.scale is not None:
+        flat.mul_(patch.scale.unsqueeze(1))
+    return True
+
+
+def _viewable(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` (ndim >= 2) can be viewed as (rows, the rest) without a copy."""
+    expected = 1
+    for size, stride in zip(reversed(weight.shape[1:]), reversed(weight.stride()[1:]), strict=True):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def merge_weight(weight: torch.Tensor, layer: BoftLayer, strength: float = 1.0,
                  mode: str = "lycoris") -> torch.Tensor:
     """``W'`` for ``layer`` at ``strength`` in ``mode``; see :func:`prepare` and :func:`apply`."""

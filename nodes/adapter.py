@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from ..boft_core import BoftError, BoftLayer, apply, check_weight, prepare
+from ..boft_core import BoftError, BoftLayer, apply, apply_, check_weight, prepare
 from ..boft_core.formats import PEFT_PREFIX, boft_r_layer, lycoris_layer
 
 
@@ -74,11 +74,24 @@ class BOFTAdapter(WeightAdapterBase):
                 raise BoftError(f"{key}: {e}") from None
             self._fits.add(weight.shape)
         dtype = torch.promote_types(intermediate_dtype, torch.float32)
-        new = apply(self.patch_for(strength, weight.device, dtype), weight)
+        patch = self.patch_for(strength, weight.device, dtype)
         # In place: for offset patches ComfyUI keeps the narrowed view's base, not our return value.
-        # new - weight computed into new itself: no second weight-sized buffer.
-        weight += function(new.sub_(weight))
+        if is_identity(function) and apply_(patch, weight):
+            return weight  # merged straight into ComfyUI's float32 copy: no weight-sized buffer
+        new = apply(patch, weight)
+        weight += function(new.sub_(weight))  # new - weight computed into new itself
         return weight
+
+
+_IDENTITY = (lambda a: a).__code__
+
+
+def is_identity(function) -> bool:
+    """Whether ``function`` is ``lambda a: a`` in any spelling (ComfyUI passes a fresh one per
+    call when a patch has no function): then ``weight + function(new - weight)`` is ``new``."""
+    code = getattr(function, "__code__", None)
+    return (code is not None and code.co_code == _IDENTITY.co_code and code.co_argcount == 1
+            and not code.co_kwonlyargcount and not getattr(function, "__defaults__", None))
 
 
 class BOFTBiasAdapter(WeightAdapterBase):

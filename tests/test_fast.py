@@ -210,3 +210,46 @@ def test_bench_smoke(tmp_path):
         for name in ("core", "node", "ours", "ours+plan", "in place"):
             assert row[name] <= 1e-5, row
     assert "Whole set" in res.stdout
+
+
+@pytest.mark.parametrize("kind", ["lycoris-boft", "peft-boft"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_apply_in_place(kind, dtype):
+    """merge.apply_ writes W' into the weight itself (whole tensor or a row slice of a bigger
+    one, as ComfyUI's offset patches pass): same result as apply, nothing else touched."""
+    gen = torch.Generator().manual_seed(seed("apply_", kind, str(dtype)))
+    m, nb, b = 4, 16, 10
+    n = nb * b
+    side_out = kind.startswith("lycoris")
+    shape = (n, 6, 3, 3) if side_out else (24, n)
+    layer = BoftLayer("x", kind, torch.randn(m, nb, b, b, generator=gen) * 0.1,
+                      scale=1 + 0.1 * torch.randn(shape[0], generator=gen))
+    patch = merge.prepare(layer, 0.8, "orthogonal", dtype=dtype)
+    weight = torch.randn(shape, generator=gen, dtype=torch.float64)
+    # float64 reference from the simple path, on float64 rotations
+    ref_patch = merge.prepare(layer, 0.8, "orthogonal", dtype=torch.float64)
+    want = merge.apply(ref_patch, weight)
+    big = torch.randn((3 * shape[0],) + shape[1:], generator=gen, dtype=dtype)
+    before = big.clone()
+    rows = slice(shape[0], 2 * shape[0])
+    big[rows] = weight.to(dtype)
+    target = big[rows]
+    assert merge.apply_(patch, target) is True
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert (target.double() - want).abs().max() <= tol * want.abs().max()
+    assert torch.equal(big[:shape[0]], before[:shape[0]]) and torch.equal(big[2 * shape[0]:], before[2 * shape[0]:])
+
+
+def test_apply_in_place_refuses_what_it_cannot_do():
+    gen = torch.Generator().manual_seed(seed("apply_ refuses"))
+    layer = BoftLayer("x", "lycoris-boft", torch.randn(3, 8, 4, 4, generator=gen) * 0.1)
+    weight = torch.randn(32, 12, generator=gen)
+    keep = weight.clone()
+    linear = merge.prepare(layer, 0.5, "linear")  # a blend needs the old weight
+    assert merge.apply_(linear, weight) is False
+    patch = merge.prepare(layer, 1.0)
+    assert merge.apply_(patch, weight.half()) is False  # other dtype: apply() casts
+    assert merge.apply_(patch, weight.t().contiguous().t()) is False  # rows not viewable
+    assert torch.equal(weight, keep)
+    with pytest.raises(merge.BoftError, match="32 rows"):
+        merge.apply_(patch, torch.randn(16, 12))

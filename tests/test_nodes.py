@@ -304,3 +304,28 @@ def test_text_encoder_names_and_core_loader_with_kohya_boft(comfy, pack, sd15_cl
     save_file({k: v for k, v in peft_tensors.items()}, str(peft_path))
     out = node.load_boft(model, clip, "peft_te/adapter_model.safetensors", 0.0, 1.0, "lycoris")
     assert "applied 1 of 1 layers (model 0, clip 1)" in out["ui"]["boft_report"][0]
+
+
+def test_adapter_in_place_and_with_a_function(comfy, pack):
+    """ComfyUI passes `lambda a: a` when a patch has no function: the adapter then merges into the
+    float32 copy in place. Any other function gets `weight + function(W' - weight)`. fp16
+    intermediates (the low-VRAM path) go through the out-of-place merge."""
+    adapter_mod = sys.modules[pack.__name__ + ".nodes.adapter"]
+    gen = torch.Generator().manual_seed(21)
+    layer = boft_core.BoftLayer("x", "lycoris-boft", torch.randn(4, 16, 10, 10, generator=gen) * 0.1,
+                                scale=1 + 0.1 * torch.randn(160, generator=gen))
+    adapter = adapter_mod.BOFTAdapter.from_layer(layer, "orthogonal")
+    weight = torch.randn(160, 40, generator=gen)
+    want = boft_core.merge_weight(weight.double(), layer, 0.7, "orthogonal")
+
+    def run(function, w, dtype=torch.float32):
+        return adapter.calculate_weight(w, "k", 0.7, 1.0, None, function, intermediate_dtype=dtype)
+
+    assert adapter_mod.is_identity(lambda a: a) and not adapter_mod.is_identity(lambda a: a * 0.5)
+    copy_ = weight.clone()
+    got = run(lambda a: a, copy_)
+    assert got is copy_ and rel(got, want, weight) < 1e-6
+    half = run(lambda a: a * 0.5, weight.clone())
+    assert rel(half, weight.double() + 0.5 * (want - weight.double()), weight) < 1e-6
+    low = run(lambda a: a, weight.half(), torch.float16)
+    assert low.dtype == torch.float16 and rel(low, want, weight) < 2e-3

@@ -1,0 +1,132 @@
+"""The in-place butterfly plan (boft_core.fused) against the reference and a float64 dense matrix.
+
+The plan and its torch path run everywhere; the Triton kernels only where Triton and CUDA are
+(skipped otherwise).
+"""
+
+import zlib
+
+import pytest
+import torch
+
+from boft_core import butterfly, fused
+
+LAYOUTS = (butterfly.INTERLEAVED, butterfly.CONCATENATED)
+# (m, nb, b): m = 1 (odd b too, concatenated only), b = 2, full butterflies, PEFT-style block
+# counts (multiples of 2^(m-1)), and 10 x 10 blocks (SDXL's) up to m = 11.
+SHAPES = [(1, 1, 4), (1, 6, 4), (1, 5, 3), (1, 4, 7), (2, 2, 4), (2, 6, 6), (3, 4, 2), (6, 32, 2),
+          (3, 8, 10), (3, 12, 4), (4, 8, 12), (5, 16, 6), (7, 64, 10), (8, 256, 10), (11, 1024, 10)]
+CASES = [(layout, shape) for layout in LAYOUTS for shape in SHAPES
+         if butterfly.check_butterfly_shape(*shape, layout) is None]
+needs_triton = pytest.mark.skipif(not fused.available(), reason="needs Triton and a CUDA device")
+
+
+def seed(*parts) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+def rotations(m, nb, b, gen, dtype=torch.float64):
+    a = torch.randn(m, nb, b, b, generator=gen, dtype=torch.float64) * 0.3
+    return butterfly.cayley(a - a.transpose(-1, -2)).to(dtype)
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("layout,shape", CASES)
+def test_plan_matches_reference_and_dense(layout, shape, transpose):
+    m, nb, b = shape
+    gen = torch.Generator().manual_seed(seed(layout, shape, transpose))
+    rot = rotations(m, nb, b, gen)
+    x = torch.randn(nb * b, 5, generator=gen, dtype=torch.float64)
+    ref = butterfly.apply_stages(x, rot, layout, transpose)
+    if nb * b <= 1280:  # the dense matrix: a float64 n x n product
+        mat = butterfly.dense_matrix(rot, layout)
+        assert torch.allclose(ref, (mat.t() if transpose else mat) @ x, atol=1e-12)
+    for max_block in (None, 1, 8, 80, 10_000):  # every run length, one stage to all
+        plan = fused.FusedButterfly(rot, layout, transpose, max_block=max_block)
+        rows = torch.cat([run.idx.reshape(-1) for run in plan.runs])
+        counts = torch.bincount(rows, minlength=nb * b)
+        assert (counts == len(plan.runs)).all()  # each run's blocks cover every row once
+        y = x.clone()
+        got = plan.apply_(y)
+        assert got is y
+        assert (got - ref).abs().max() <= 1e-12 * ref.abs().max(), max_block
+
+
+def test_plan_definition_by_hand():
+    """x[idx_j[k]] = blocks_j[k] @ x[idx_j[k]], run by run, is the documented contract."""
+    gen = torch.Generator().manual_seed(1)
+    rot = rotations(5, 16, 6, gen)
+    x = torch.randn(96, 3, generator=gen, dtype=torch.float64)
+    for transpose in (False, True):
+        plan = fused.FusedButterfly(rot, butterfly.INTERLEAVED, transpose, max_block=12)
+        assert len(plan.runs) > 1
+        y = x.clone()
+        for run in plan.runs:
+            for k in range(run.idx.shape[0]):
+                y[run.idx[k]] = run.blocks[k] @ y[run.idx[k]]
+        assert torch.allclose(y, butterfly.apply_stages(x, rot, butterfly.INTERLEAVED, transpose), atol=1e-12)
+
+
+def test_float32_shapes_strides_and_apply():
+    gen = torch.Generator().manual_seed(2)
+    rot = rotations(4, 8, 10, gen)
+    plan = fused.FusedButterfly(rot.float(), butterfly.INTERLEAVED)
+    for x in (torch.randn(80, 7, generator=gen), torch.randn(80, 3, 2, 2, generator=gen),
+              torch.randn(9, 80, generator=gen).t(),  # unit row stride
+              torch.randn(80, 3, 4, generator=gen).transpose(1, 2),  # not viewable as (80, -1)
+              torch.randn(80, generator=gen)):
+        ref = butterfly.apply_stages(x.double(), rot, butterfly.INTERLEAVED)
+        before = x.clone()
+        out = plan.apply(x)
+        assert torch.equal(x, before) and out.shape == x.shape
+        assert rel(out, ref) < 1e-6
+        y = x.clone()
+        assert plan.apply_(y) is y and rel(y, ref) < 1e-6
+
+
+def test_rejects_bad_input():
+    rot = torch.eye(4).expand(2, 2, 4, 4)
+    with pytest.raises(ValueError):
+        fused.FusedButterfly(rot, "diagonal")
+    with pytest.raises(ValueError):
+        fused.FusedButterfly(torch.eye(3).expand(2, 2, 3, 3), butterfly.INTERLEAVED)
+    with pytest.raises(ValueError):
+        fused.FusedButterfly(rot, butterfly.INTERLEAVED, precision="tf16")
+    plan = fused.FusedButterfly(rot, butterfly.INTERLEAVED)
+    with pytest.raises(ValueError):
+        plan.apply_(torch.zeros(7, 2))
+    with pytest.raises(ValueError):
+        plan.apply_(torch.zeros(8, 2, dtype=torch.float64))
+
+
+def test_module_imports_without_triton():
+    assert fused.available() in (True, False)
+    if fused.triton is None:
+        assert not fused.available()
+
+
+@needs_triton
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+@pytest.mark.parametrize("mode", ["runs", "strip"])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_triton_matches_float64(layout, transpose, mode, precision):
+    gen = torch.Generator().manual_seed(seed("triton", layout, transpose, mode, precision))
+    for m, nb, b in [(1, 5, 3), (1, 1, 4), (3, 8, 10), (5, 16, 6), (8, 128, 10), (11, 1024, 10)]:
+        if butterfly.check_butterfly_shape(m, nb, b, layout):
+            continue
+        rot = rotations(m, nb, b, gen, torch.float32).cuda()
+        plan = fused.FusedButterfly(rot, layout, transpose, precision=precision, mode=mode)
+        for cols, strided in ((1, False), (77, False), (300, True)):
+            x = torch.randn(nb * b, cols, generator=gen).cuda()
+            if strided:
+                x = x.t().contiguous().t()
+            ref = butterfly.apply_stages(x.double(), rot.double(), layout, transpose)
+            for _ in range(2):  # the JIT launch, then the prepared one
+                y = x.t().contiguous().t() if strided else x.clone()
+                assert plan.apply_triton_(y) is y
+                assert rel(y, ref) < 1e-5, (m, nb, b, cols, strided)
