@@ -10,8 +10,9 @@ Every contender gets the same inputs through the call ComfyUI makes in
 ``comfy.lora.calculate_weight(patches, copy, key)``, and the result cast back to the stored dtype.
 Contenders: ComfyUI core's BOFTAdapter; this pack's node adapter (nodes/adapter.py); "ours", an
 adapter holding a prepared ``Patch`` (``boft_core.merge.prepare``, once per file, strength and
-mode) that calls ``boft_core.merge.apply``; "ours+plan", which also keeps the
-``fast.Butterfly`` built from the Patch; "in place", which writes into ComfyUI's float32 copy.
+mode) that calls ``boft_core.merge.apply`` (a new merged weight); "in place", which calls
+``boft_core.merge.apply_`` to write into ComfyUI's float32 copy. The node adapter takes the
+in-place path whenever ComfyUI's patch function is the identity (as here).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class Comfy:
         self.lora, self.float, self.utils = comfy.lora, comfy.float, comfy.utils
         self.detection, self.patcher = comfy.model_detection, comfy.model_patcher
         self.BOFTAdapter = BOFTAdapter
-        self.Ours, self.OursPlanned, self.InPlace = adapter_classes(WeightAdapterBase)
+        self.Ours, self.InPlace = adapter_classes(WeightAdapterBase)
         self.NodeAdapter = node_adapter_class()
         try:
             import comfyui_version
@@ -114,9 +115,11 @@ def node_adapter_class():
 
 
 def adapter_classes(base):
-    """Our boft_core contenders as ComfyUI weight adapters (ours, ours+plan, in place)."""
+    """Our boft_core contenders as ComfyUI weight adapters (ours, in place)."""
 
     class Ours(base):
+        """``merge.apply``: a new merged weight (the Patch keeps its fast-path plan)."""
+
         name = "boft_core"
 
         def __init__(self, patch: merge.Patch):
@@ -126,40 +129,18 @@ def adapter_classes(base):
                              intermediate_dtype=torch.float32, original_weight=None):
             return merge.apply(self.patch, weight)
 
-    class OursPlanned(Ours):
-        """Also keeps the fast.Butterfly of the Patch (what a plan cached in the Patch gives)."""
+    class InPlace(Ours):
+        """``merge.apply_``: written into ComfyUI's float32 copy (core's adapters add into it)."""
 
-        name = "boft_core+plan"
-
-        def __init__(self, patch: merge.Patch, plan: fast.Butterfly | None = None):
-            super().__init__(patch)
-            self.plan = plan or fast.Butterfly(patch.rotations, patch.layout)
+        name = "boft_core, in place"
 
         def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                              intermediate_dtype=torch.float32, original_weight=None):
-            compute = torch.promote_types(weight.dtype, self.patch.rotations.dtype)
-            new = self.plan.apply(weight.to(compute).reshape(weight.shape[0], -1))
-            if self.patch.scale is not None:
-                new.mul_(self.patch.scale.unsqueeze(1))
-            return new.view(weight.shape).to(weight.dtype)
+            if merge.apply_(self.patch, weight):
+                return weight
+            return merge.apply(self.patch, weight)
 
-    class InPlace(OursPlanned):
-        """Also writes into ComfyUI's float32 copy (allowed: core's adapters add into it)."""
-
-        name = "boft_core+plan, in place"
-
-        def calculate_weight(self, weight, key, strength, strength_model, offset, function,
-                             intermediate_dtype=torch.float32, original_weight=None):
-            if weight.dtype != self.patch.rotations.dtype or not weight.is_contiguous():
-                return super().calculate_weight(weight, key, strength, strength_model, offset,
-                                                 function, intermediate_dtype, original_weight)
-            flat = weight.view(weight.shape[0], -1)
-            self.plan.apply(flat, out=flat)
-            if self.patch.scale is not None:
-                flat.mul_(self.patch.scale.unsqueeze(1))
-            return weight
-
-    return Ours, OursPlanned, InPlace
+    return Ours, InPlace
 
 
 # --- workload ----------------------------------------------------------------------------------
@@ -252,9 +233,8 @@ def make_adapters(comfy: Comfy, layer: Layer, device, block_dtype, seed: int) ->
     (ours_layer,) = parse_lycoris("bench", layer.tensors).values()
     ours_layer.blocks = ours_layer.blocks.to(device)
     patch = merge.prepare(ours_layer, 1.0, "lycoris")
-    planned = comfy.OursPlanned(patch)
     layer.contenders = {"core": core, "node": node, "ours": comfy.Ours(patch),
-                        "ours+plan": planned, "in place": comfy.InPlace(patch, planned.plan)}
+                        "in place": comfy.InPlace(patch)}
 
 
 # --- timing ------------------------------------------------------------------------------------
@@ -333,7 +313,7 @@ def time_adapter_loop(comfy, layers, names, runs, device) -> dict:
 
 
 def time_graph(layers, runs, device) -> list[float]:
-    """GPU: ours+plan's calls for the whole set captured in one CUDA graph and replayed.
+    """GPU: the in-place calls for the whole set captured in one CUDA graph and replayed.
 
     A replay launches the same kernels without the host's per-call cost: the GPU-side time of
     the work, against which the back-to-back loop shows what the host adds per layer.
@@ -342,7 +322,7 @@ def time_graph(layers, runs, device) -> list[float]:
 
     def work():
         for layer, temp in zip(layers, temps, strict=True):
-            layer.contenders["ours+plan"].calculate_weight(temp, layer.key, 1.0, 1.0, None, None)
+            layer.contenders["in place"].calculate_weight(temp, layer.key, 1.0, 1.0, None, None)
 
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -686,7 +666,7 @@ def report(res: dict) -> str:
         out += ["", "GPU, whole set's adapter calls back to back (ms, wall, one sync):",
                 table(["contender", "median", "runs"], rows)]
     if "graph" in res:
-        out += ["", "GPU, ours+plan's calls for the whole set as one CUDA graph replay (ms, the "
+        out += ["", "GPU, the in-place calls for the whole set as one CUDA graph replay (ms, the "
                 f"kernels without the host's per-call cost): median {fmt(median(res['graph']))}, "
                 f"runs {' '.join(fmt(x) for x in res['graph'])}"]
     acc = res.get("accuracy", [])
@@ -793,7 +773,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     comfy = Comfy(args.comfyui, device)
-    names = (["core"] if not args.no_core else []) + ["node", "ours", "ours+plan", "in place"]
+    names = (["core"] if not args.no_core else []) + ["node", "ours", "in place"]
     started = time.perf_counter()
     need_model = args.patcher
     net, model_class = build_model(comfy, args.model, device if need_model else "meta",

@@ -207,7 +207,7 @@ def test_bench_smoke(tmp_path):
     assert len(data["accuracy"]) == 3
     for row in data["accuracy"]:
         assert row["change"] > 0.01  # the adapter really rotates the weight
-        for name in ("core", "node", "ours", "ours+plan", "in place"):
+        for name in ("core", "node", "ours", "in place"):
             assert row[name] <= 1e-5, row
     assert "Whole set" in res.stdout
 
