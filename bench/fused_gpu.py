@@ -69,17 +69,23 @@ class Contender:
 
 
 def make_contenders(layers, names, layout, max_block):
-    out = {}
-    base = [fused.FusedButterfly(lay["rot"], layout, max_block=max_block) for lay in layers]
+    out, bases = {}, {}
+
+    def base_plans(block):
+        if block not in bases:
+            bases[block] = [fused.FusedButterfly(lay["rot"], layout, max_block=block) for lay in layers]
+        return bases[block]
+
     for name in names:
         if name == "fast":
             plans = [fast.Butterfly(lay["rot"], layout) for lay in layers]
             out[name] = Contender(name, plans, lambda p, x: p.apply(x))
         elif name == "torch":
-            out[name] = Contender(name, base, lambda p, x: p.apply_torch_(x))
-        else:  # fused-<mode>-<precision>
-            _, mode, precision = name.split("-")
-            plans = [p.variant(precision=precision, mode=mode) for p in base]
+            out[name] = Contender(name, base_plans(max_block), lambda p, x: p.apply_torch_(x))
+        else:  # fused-<precision>[-<max_block>]
+            _, precision, *block = name.split("-")
+            plans = [p.variant(precision)
+                     for p in base_plans(int(block[0]) if block else max_block)]
             out[name] = Contender(name, plans, lambda p, x: p.apply_triton_(x))
     return out
 
@@ -117,6 +123,20 @@ def wall_loop(cont, xs, reps, device):
         walls.append((clock() - t0) * 1e3)
         hosts.append(statistics.median(per) * 1e6)
     return statistics.median(walls), statistics.median(hosts), walls
+
+
+def host_time(cont, xs, device, calls=150):
+    """Host us for one call to return while the GPU is busy (a sleep kernel), queue not full."""
+    torch.cuda.synchronize(device)
+    torch.cuda._sleep(int(4e8))  # ~200 ms
+    per = []
+    clock = time.perf_counter
+    for plan, x in list(zip(cont.plans, xs, strict=True))[:calls]:
+        t = clock()
+        cont.call(plan, x)
+        per.append(clock() - t)
+    torch.cuda.synchronize(device)
+    return statistics.median(per) * 1e6, statistics.mean(per) * 1e6
 
 
 def graph_time(cont, xs, reps, device):
@@ -164,7 +184,7 @@ def errors(cont, classes, layers, layout, gen, device):
 
 
 def check(args, device):
-    """Correctness on fresh random data: shapes, layouts, transposes, strides, modes, precisions."""
+    """Correctness on fresh random data: shapes, layouts, transposes, precisions, a strided x."""
     gen = torch.Generator().manual_seed(args.seed)
     shapes = [(1, 5, 3), (1, 1, 4), (2, 2, 4), (3, 8, 10), (5, 16, 6), (8, 128, 10), (11, 1024, 10), (6, 64, 2)]
     worst = 0.0
@@ -177,42 +197,45 @@ def check(args, device):
                 base = fused.FusedButterfly(rot, layout, transpose)
                 for cols, strided in ((77, False), (1280, False), (96, True)):
                     x = torch.randn(nb * b, cols, generator=gen).to(device)
-                    if strided:  # x.t() of a contiguous (cols, n): unit row stride
+                    if strided:  # x.t() of a contiguous (cols, n): the torch path takes it
                         x = x.t().contiguous().t()
                     ref = butterfly.apply_stages(x.double(), rot.double(), layout, transpose)
-                    for mode in ("runs", "strip"):
-                        for precision in ("ieee", "tf32x3"):
-                            plan = base.variant(precision=precision, mode=mode)
-                            for _ in range(2):  # the JIT launch, then the direct launch
-                                got = plan.apply_(x.clone() if not strided else x.t().contiguous().t())
-                            e = rel(got, ref)
-                            worst = max(worst, e)
-                            if e > 1e-5:
-                                print(f"FAIL {layout} {(m, nb, b)} T={transpose} cols={cols} strided={strided} "
-                                      f"{mode} {precision}: {e:.2e}")
+                    for precision in fused.PRECISIONS[:2]:
+                        plan = base.variant(precision)
+                        for _ in range(2):  # the JIT launch, then the direct one
+                            got = plan.apply_(x.clone() if not strided else x.t().contiguous().t())
+                        e = rel(got, ref)
+                        worst = max(worst, e)
+                        if e > 1e-5:
+                            print(f"FAIL {layout} {(m, nb, b)} T={transpose} cols={cols} strided={strided} "
+                                  f"{precision}: {e:.2e}")
     print(f"check: worst relative error {worst:.2e} ({'ok' if worst <= 1e-5 else 'FAILED'})")
     return worst
 
 
 def sweep(args, device, classes, layout):
-    """Tile sizes and warps for the dominant classes (per layer GPU us, runs and strip mode)."""
+    """Tile sizes, warps, max_block and precision for some classes (GPU us per layer)."""
     gen = torch.Generator().manual_seed(args.seed)
     res = []
     picks = [c for c in classes if c["label"] in args.sweep_classes]
-    saved = dict(fused.TILES), dict(fused.STRIP_TILES)
+    saved = dict(fused.TILES), dict(fused.FMA_TILES), fused.PROGRAMS
     for cls in picks:
         rot = random_rotations(cls["m"], cls["nb"], cls["b"], gen, device).float()
         xs = [torch.randn(cls["n"], cls["cols"], generator=gen).to(device) for _ in range(8)]
         for max_block in args.sweep_blocks:
             base = fused.FusedButterfly(rot, layout, max_block=max_block)
             pads = sorted({r.padded for r in base.runs})
-            for mode, table, tiles in (("runs", fused.TILES, (32, 64, 128)), ("strip", fused.STRIP_TILES, (16, 32))):
-                for bn in tiles:
-                    for warps in (4, 8):
-                        for precision in ("tf32x3", "ieee"):
+            for bn in args.sweep_bn:
+                for warps in args.sweep_warps:
+                    for programs in args.sweep_programs:
+                        for precision in args.sweep_precisions:
+                            if precision == "ieee" and max(pads) > 64:
+                                continue  # the block does not fit the registers: spills, far slower
+                            table = fused.FMA_TILES if precision == "fma" else fused.TILES
                             for pad in pads:
                                 table[pad] = (bn, warps)
-                            plan = base.variant(precision=precision, mode=mode)
+                            fused.PROGRAMS = programs
+                            plan = base.variant(precision)
                             cont = Contender("x", [plan] * len(xs), lambda p, x: p.apply_triton_(x))
                             try:
                                 gpu_times(cont, xs, xs, 1, device)
@@ -221,14 +244,16 @@ def sweep(args, device, classes, layout):
                                 us = float("nan")
                                 print(f"  {type(exc).__name__}: {str(exc)[:120]}")
                             row = {"class": cls["label"], "max_block": max_block, "d": [r.d for r in base.runs],
-                                   "mode": mode, "bn": bn, "warps": warps, "precision": precision, "us": us}
+                                   "bn": bn, "warps": warps, "programs": programs, "precision": precision,
+                                   "us": us}
                             res.append(row)
-                            print(f"  {cls['label']:22s} max_block={max_block:3d} d={row['d']} {mode:5s} "
-                                  f"BN={bn:3d} w={warps} {precision:6s} {us:8.1f} us")
+                            print(f"  {cls['label']:22s} max_block={max_block:3d} d={row['d']} BN={bn:3d} "
+                                  f"w={warps} P={programs} {precision:6s} {us:8.1f} us")
             fused.TILES.clear()
             fused.TILES.update(saved[0])
-            fused.STRIP_TILES.clear()
-            fused.STRIP_TILES.update(saved[1])
+            fused.FMA_TILES.clear()
+            fused.FMA_TILES.update(saved[1])
+            fused.PROGRAMS = saved[2]
     return res
 
 
@@ -238,8 +263,8 @@ def main(argv=None):
     ap.add_argument("--classes", default=DEFAULT_CLASSES, help="bench.py result JSON with timing.classes")
     ap.add_argument("--lora-dim", type=int, default=16, help="LyCORIS lora_dim that picks b (16: b = 10)")
     ap.add_argument("--layout", default=butterfly.INTERLEAVED, choices=[butterfly.INTERLEAVED, butterfly.CONCATENATED])
-    ap.add_argument("--contenders", default="fast,fused-runs-tf32x3,fused-runs-ieee,fused-strip-tf32x3",
-                    help="comma list of: fast, torch, fused-<runs|strip>-<tf32x3|ieee|tf32>")
+    ap.add_argument("--contenders", default="fast,fused-tf32x3,fused-fma",
+                    help="comma list of: fast, torch, fused-<tf32x3|fma|ieee|tf32>[-<max_block>]")
     ap.add_argument("--max-block", type=int, default=None, help="largest dense block of the fused plan")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
@@ -248,8 +273,17 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="tile/warp/max_block sweep on --sweep-classes")
     ap.add_argument("--sweep-classes", default="Linear 1280x1280,Linear 10240x1280",
                     type=lambda s: s.split(","))
-    ap.add_argument("--sweep-blocks", default="40,80", type=lambda s: [int(v) for v in s.split(",")],
+    ap.add_argument("--sweep-blocks", default="20,40,80", type=lambda s: [int(v) for v in s.split(",")],
                     help="max_block values the sweep tries")
+    ap.add_argument("--sweep-bn", default="32,64,128", type=lambda s: [int(v) for v in s.split(",")])
+    ap.add_argument("--sweep-programs", default="0", type=lambda s: [int(v) for v in s.split(",")],
+                    help="fused.PROGRAMS values (programs per run in SMs; 0: one per block and tile)")
+    ap.add_argument("--sweep-warps", default="4,8", type=lambda s: [int(v) for v in s.split(",")])
+    ap.add_argument("--sweep-precisions", default="tf32x3,fma", type=lambda s: s.split(","))
+    ap.add_argument("--auto", action="store_true",
+                    help="after --sweep: per precision, the fastest (max_block, tile) becomes a contender")
+    ap.add_argument("--tiles", help="set fused.TILES entries, e.g. 64:128:4,128:64:8 (D:BN:warps)")
+    ap.add_argument("--programs", type=int, help="set fused.PROGRAMS")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA graph replay")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
@@ -265,6 +299,13 @@ def main(argv=None):
         result["check_worst"] = check(args, device)
         if args.only_check:
             return result
+    if args.tiles:
+        for item in args.tiles.split(","):
+            big, bn, warps = (int(v) for v in item.split(":"))
+            fused.TILES[big] = (bn, warps)
+    if args.programs is not None:
+        fused.PROGRAMS = args.programs
+    result["tiles"], result["programs"] = dict(fused.TILES), fused.PROGRAMS
     layout = args.layout
     classes = load_classes(args.classes, args.lora_dim)
     if args.sweep:
@@ -283,6 +324,21 @@ def main(argv=None):
     result["layers"], result["elements"] = len(layers), elements
 
     names = args.contenders.split(",")
+    if args.auto and args.sweep:
+        best = {}
+        for row in result["sweep"]:
+            if row["us"] == row["us"] and (row["precision"] not in best or row["us"] < best[row["precision"]]["us"]):
+                best[row["precision"]] = row
+        for precision, row in best.items():
+            table = fused.FMA_TILES if precision == "fma" else fused.TILES
+            for d in row["d"]:
+                table[max(16, 1 << (d - 1).bit_length())] = (row["bn"], row["warps"])
+            fused.PROGRAMS = row["programs"]
+            names.append(f"fused-{precision}-{row['max_block']}")
+            print(f"auto: {precision}: max_block {row['max_block']} BN {row['bn']} warps {row['warps']} "
+                  f"programs {row['programs']} ({row['us']:.1f} us)")
+        result["auto"] = best
+        result["tiles"], result["fma_tiles"] = dict(fused.TILES), dict(fused.FMA_TILES)
     t = time.perf_counter()
     contenders = make_contenders(layers, names, layout, args.max_block)
     print(f"plans built in {time.perf_counter() - t:.1f} s")
@@ -298,14 +354,17 @@ def main(argv=None):
             sl = per_layer[cls["first"]:cls["first"] + cls["count"]]
             classes_ms[cls["label"]] = statistics.median(sl)
         gpu_sum = sum(classes_ms[c["label"]] * c["count"] for c in classes)
-        wall, host_us, walls = wall_loop(cont, xs, args.reps, device)
+        wall, loop_host_us, walls = wall_loop(cont, xs, args.reps, device)
+        host_us, host_mean = host_time(cont, xs, device)
         graph = None if args.no_graph else graph_time(cont, xs, args.reps, device)
         errs, err_all = errors(cont, classes, layers, layout, egen, device)
         result["contenders"][name] = {"classes_ms": classes_ms, "gpu_sum_ms": gpu_sum, "wall_ms": wall,
-                                      "walls_ms": walls, "host_us_per_call": host_us, "graph_ms": graph,
+                                      "walls_ms": walls, "host_us_per_call": host_us,
+                                      "host_us_mean": host_mean, "loop_host_us": loop_host_us, "graph_ms": graph,
                                       "err_max": max(errs.values()), "err_set": err_all, "errors": errs,
                                       "warmup_s": warm}
-        print(f"{name:20s} gpu sum {gpu_sum:7.2f} ms | wall {wall:7.2f} ms | host {host_us:6.1f} us/call | "
+        print(f"{name:20s} gpu sum {gpu_sum:7.2f} ms | wall {wall:7.2f} ms | host {host_us:6.1f} us/call "
+              f"(mean {host_mean:.1f}, in loop {loop_host_us:.1f}) | "
               f"graph {graph if graph is None else round(graph, 2)} ms | err max {max(errs.values()):.2e} "
               f"set {err_all:.2e} | warm-up {warm:.1f} s")
     print()

@@ -11,17 +11,21 @@ leaves ``B @ x`` in ``x`` (``Bᵀ``: runs reversed, blocks transposed). A run's 
 disjoint rows, so each block can be done by its own program that reads its rows, multiplies and
 writes the same rows back: no scatter, no gather, no buffer the size of the weight.
 
-:class:`FusedButterfly` holds that plan. ``apply_(x)`` runs it in place: with Triton on a CUDA
-float32 ``x`` (one kernel launch per run, or one per layer, see ``MODE``), else in plain torch
-(``apply_torch_``: gather, ``bmm``, ``index_copy_``; the CPU tests use it). Triton is optional:
-this module imports and its torch path works without it.
+:class:`FusedButterfly` holds that plan. ``apply_(x)`` runs it in place: with Triton (one kernel
+launch per run) on a CUDA float32 ``x`` whose rows are contiguous (unit column stride), else in
+plain torch (``apply_torch_``: gather, ``bmm``, ``index_copy_``; the CPU tests use it). Triton is
+optional: this module imports and its torch path works without it.
 
-Precision: the Triton kernel multiplies with ``tl.dot``. Its default for float32 (TF32) is about
-1e-3 off; ``"tf32x3"`` (three TF32 products, the default here) and ``"ieee"`` (plain float32 FMA)
-stay near float32 rounding; ``bench/fused_gpu.py`` measures both.
+Precision (``precision``): ``"tf32x3"`` (default: ``tl.dot`` as three TF32 products, about
+4e-7 relative error on the SDXL set), ``"fma"`` (no ``tl.dot``: rank-1 updates in float32, about
+2e-7, slower), ``"ieee"`` (``tl.dot`` in float32 FMA; spills badly for blocks over 64 rows),
+``"tf32"`` (about 1e-3: too coarse for merges). ``bench/fused_gpu.py`` measures them; the numbers
+behind the defaults are in its docstring.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -36,16 +40,17 @@ try:  # optional: only the CUDA kernels need it
 except ImportError:  # pragma: no cover - depends on the machine
     triton = tl = _knobs = _driver = None
 
-# tl.dot's input precision for float32: "tf32x3" or "ieee" (see the module doc); "tf32" is too coarse.
+# The Triton kernel's arithmetic (see the module doc).
 PRECISION = "tf32x3"
-# "runs": one launch per run, a program per (column tile, block). "strip": one launch per layer,
-# a program per column tile that does every run on its columns (a barrier between runs).
-MODE = "runs"
-# Largest run strip kernel handles in one launch; more runs fall back to "runs".
-_STRIP_SLOTS = 4
+PRECISIONS = ("tf32x3", "fma", "ieee", "tf32")
+# Largest dense block d of a plan on a CUDA device: h * 2^k <= this (d = 40, padded to 64 for
+# tl.dot, for b = 10). On an H200 it beat 80 (padded to 128) on every SDXL class measured:
+# 36 against 47 us for a 1280x1280 layer, 301 against 402 us for 10240x1280.
+CUDA_BLOCK = 40
 
 
 _AVAILABLE = None
+_VERIFIED: dict = {}  # CUDA device -> whether the kernel passed its self-test there
 
 
 def available() -> bool:
@@ -56,27 +61,72 @@ def available() -> bool:
     return _AVAILABLE
 
 
+def usable(x: torch.Tensor) -> bool:
+    """Whether :meth:`FusedButterfly.apply_triton_` should take ``x``: a 2-D float32 CUDA tensor
+    with contiguous rows and at least two columns, on a device where the kernel has passed a
+    self-test (run once per device against the float64 reference; the launcher the kernel uses
+    after its first call belongs to Triton's internals, so a Triton that changed it falls back to
+    the torch path with a warning instead of computing garbage)."""
+    if not (x.is_cuda and x.dtype == torch.float32 and x.ndim == 2 and available()):
+        return False
+    if x.shape[1] < 2 or x.stride(1) != 1:  # (Triton would specialise a stride or width of 1 away)
+        return False
+    ok = _VERIFIED.get(x.device)
+    if ok is None:
+        ok = _VERIFIED[x.device] = _self_test(x.device)
+    return ok
+
+
+def _self_test(device) -> bool:
+    from .butterfly import apply_stages, cayley
+
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for layout in (INTERLEAVED, CONCATENATED):
+            a = torch.randn(4, 16, 10, 10, generator=gen, dtype=torch.float64) * 0.2
+            rotations = cayley(a - a.transpose(-1, -2))
+            x = torch.randn(160, 48, generator=gen, dtype=torch.float64)
+            want = apply_stages(x, rotations, layout)
+            plan = FusedButterfly(rotations.float().to(device), layout)
+            for _ in range(2):  # the first call goes through Triton's JIT, the second does not
+                got = plan.apply_triton_(x.float().to(device)).double().cpu()
+                error = ((got - want).norm() / want.norm()).item()
+                if not error < 1e-5:
+                    raise RuntimeError(f"relative error {error:.3g} against float64")
+        return True
+    except Exception as e:  # an environment problem, not bad input: the torch path is correct
+        logging.getLogger(__name__).warning(
+            "boft_core: the Triton butterfly kernel failed its self-test on %s (%s: %s); "
+            "using the torch path.", device, type(e).__name__, e)
+        return False
+
+
 class Run:
-    """One run's blocks: ``idx`` (batch, d) original rows, ``blocks`` (batch, d, d), same order."""
+    """One run's blocks: ``idx`` (batch, d) original rows, ``blocks`` (batch, d, d), same order.
 
-    __slots__ = ("idx", "blocks", "d", "padded", "_dev")
+    ``geometry`` ``(inner, size, unit)``: ``idx[k, r] = (k // inner) * size * inner * unit
+    + (r // unit) * inner * unit + (k % inner) * unit + r % unit`` (the run's axis of ``size``
+    values sits above ``inner`` values of the later axes and ``unit`` rows), which the kernel
+    computes instead of loading ``idx``.
+    """
 
-    def __init__(self, idx: torch.Tensor, blocks: torch.Tensor):
+    __slots__ = ("idx", "blocks", "geometry", "d", "padded", "_dev")
+
+    def __init__(self, idx: torch.Tensor, blocks: torch.Tensor, geometry: tuple[int, int, int]):
         self.idx = idx
         self.blocks = blocks
+        self.geometry = geometry
         self.d = idx.shape[1]
         self.padded = max(16, 1 << (self.d - 1).bit_length())  # tl.dot wants powers of two >= 16
         self._dev = None
 
-    def device_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``idx`` (batch, D) int32 and ``blocks`` (batch, D, D) float32, zero-padded to ``D``."""
+    def padded_blocks(self) -> torch.Tensor:
+        """``blocks`` as float32 (batch, D, D), zero-padded to ``D = padded`` (made once)."""
         if self._dev is None:
             batch, d, big = self.idx.shape[0], self.d, self.padded
-            idx = torch.zeros(batch, big, dtype=torch.int32, device=self.idx.device)
-            idx[:, :d] = self.idx
             blocks = torch.zeros(batch, big, big, dtype=torch.float32, device=self.blocks.device)
             blocks[:, :d, :d] = self.blocks
-            self._dev = (idx, blocks)
+            self._dev = blocks
         return self._dev
 
 
@@ -85,12 +135,13 @@ class FusedButterfly:
 
     ``runs``: the :class:`Run` s in the order they are applied. ``apply_(x)`` overwrites ``x``
     (shape ``(nb*b, ...)``, the rotations' device) with ``butterfly.apply_stages(x, rotations,
-    layout, transpose)`` and returns it. ``precision`` and ``mode``: the Triton kernel's
-    ``tl.dot`` precision and launch mode (defaults: ``PRECISION``, ``MODE``).
+    layout, transpose)`` and returns it. ``precision``: the Triton kernel's arithmetic
+    (default ``PRECISION``). ``max_block``: largest dense block (default ``CUDA_BLOCK`` for
+    rotations on a CUDA device, ``fast.CPU_BLOCK`` otherwise).
     """
 
     def __init__(self, rotations: torch.Tensor, layout: str, transpose: bool = False,
-                 max_block: int | None = None, precision: str | None = None, mode: str | None = None):
+                 max_block: int | None = None, precision: str | None = None):
         if layout not in (INTERLEAVED, CONCATENATED):
             raise ValueError(f"unknown butterfly layout {layout!r}")
         if rotations.ndim != 4 or rotations.shape[-1] != rotations.shape[-2]:
@@ -100,20 +151,17 @@ class FusedButterfly:
         if why:
             raise ValueError(f"rotations of shape {tuple(rotations.shape)}: {why}")
         if max_block is None:
-            max_block = fast.GPU_BLOCK if rotations.device.type == "cuda" else fast.CPU_BLOCK
+            max_block = CUDA_BLOCK if rotations.device.type == "cuda" else fast.CPU_BLOCK
         self.n = nb * b
         self.transpose = transpose
         self.precision = PRECISION if precision is None else precision
-        self.mode = MODE if mode is None else mode
-        if self.precision not in ("ieee", "tf32x3", "tf32"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}")
-        if self.mode not in ("runs", "strip"):
-            raise ValueError(f"unknown mode {self.mode!r}")
         rows = torch.arange(self.n, device=rotations.device)
         if b % 2:  # one stage of contiguous odd blocks (concatenated layout only)
             self.unit, self.sizes = b, [nb]
             blocks = rotations[0]
-            runs = [Run(rows.view(nb, b), blocks.transpose(-1, -2) if transpose else blocks)]
+            runs = [Run(rows.view(nb, b), blocks.transpose(-1, -2) if transpose else blocks, (1, 1, b))]
         else:
             self.unit = b // 2
             spans = fast._split(m, self.unit, max_block)
@@ -128,27 +176,34 @@ class FusedButterfly:
                 blocks = fast.Butterfly._blocks(self, rotations, layout, span, axis, others + [axis])
                 idx = rows.view(self.sizes + [self.unit]).permute(others + [axis, unit])
                 idx = idx.reshape(blocks.shape[0], blocks.shape[1])
-                runs.append(Run(idx, blocks.transpose(-1, -2) if transpose else blocks))
+                inner = 1
+                for size in self.sizes[axis + 1:]:
+                    inner *= size
+                geometry = (inner, self.sizes[axis], self.unit)
+                runs.append(Run(idx, blocks.transpose(-1, -2) if transpose else blocks, geometry))
             if transpose:
                 runs.reverse()
         for run in runs:
             run.blocks = run.blocks.contiguous()
         self.runs = runs
-        self._launch = {}  # (cols, strides, data alignment) -> list of prepared launches
+        self._launch = {}  # (cols, row stride, data alignment) -> list of prepared launches
 
-    def variant(self, precision: str | None = None, mode: str | None = None) -> FusedButterfly:
-        """The same plan (shared blocks) with another kernel precision or launch mode."""
+    def variant(self, precision: str) -> FusedButterfly:
+        """The same plan (shared blocks) with another kernel precision."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}")
         other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)
-        other.precision = self.precision if precision is None else precision
-        other.mode = self.mode if mode is None else mode
+        other.precision = precision
         other._launch = {}
         return other
 
     # --- applying -----------------------------------------------------------------------------
 
     def apply_(self, x: torch.Tensor) -> torch.Tensor:
-        """``x = B @ x`` in place (Triton on a CUDA float32 ``x`` when available); returns ``x``."""
+        """``x = B @ x`` in place; returns ``x``. Triton when :func:`available`, ``x`` is float32 on
+        the plan's CUDA device and its rows are contiguous (``x.view(n, -1).stride(1) == 1``),
+        else the torch path (a transposed view, for one, goes there)."""
         self._check(x)
         if self._triton_ok(x):
             return self.apply_triton_(x)
@@ -180,19 +235,20 @@ class FusedButterfly:
         return x
 
     def apply_triton_(self, x: torch.Tensor) -> torch.Tensor:
-        """The plan with the Triton kernels, in place, on a float32 CUDA ``x`` (n, ...)."""
+        """The plan with the Triton kernel, in place: one launch per run; see :meth:`apply_`."""
         self._check(x)
-        if not self._triton_ok(x):
-            raise ValueError("the Triton path needs Triton and a float32 CUDA x viewable as (n, cols)")
-        flat = x if x.ndim == 2 else x.view(self.n, -1)
+        flat = self._triton_rows(x)
+        if flat is None:
+            raise ValueError("the Triton path needs Triton and a float32 x on the plan's CUDA device "
+                             "whose rows are contiguous (x.view(n, -1).stride(1) == 1)")
         cols = flat.shape[1]
         if cols == 0:
             return x
-        s0, s1 = flat.stride()
-        key = (cols, s0, s1, flat.data_ptr() % 16 == 0)
+        key = (cols, flat.stride(0), flat.data_ptr() % 16 == 0)
         launches = self._launch.get(key)
         if launches is None:
-            launches = self._launch[key] = self._prepare(cols, s0, s1)
+            launches = self._launch[key] = [_run_launch(run, cols, flat.stride(0), self.precision)
+                                            for run in self.runs]
         for launch in launches:
             launch(flat)
         return x
@@ -203,15 +259,21 @@ class FusedButterfly:
         if x.shape[0] != self.n:
             raise ValueError(f"butterfly acts on {self.n} rows, got a tensor of shape {tuple(x.shape)}")
 
-    def _triton_ok(self, x: torch.Tensor) -> bool:
-        return (x.is_cuda and x.dtype == torch.float32 and available() and self.runs[0].blocks.is_cuda
-                and (x.ndim == 2 or _viewable(x)))
+    def _triton_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x`` as (n, cols) with unit column stride, if the Triton kernel can take it; else None."""
+        if not (x.is_cuda and x.dtype == torch.float32 and available()
+                and x.device == self.runs[0].blocks.device):
+            return None
+        if x.ndim == 2:
+            flat = x
+        elif _viewable(x):
+            flat = x.view(self.n, -1)
+        else:
+            return None
+        return flat if flat.stride(1) == 1 or flat.shape[1] == 1 else None
 
-    def _prepare(self, cols: int, s0: int, s1: int) -> list:
-        """Launches (callables of x) for x (n, cols) with strides (s0, s1)."""
-        if self.mode == "strip" and len(self.runs) <= _STRIP_SLOTS:
-            return [_strip_launch(self.runs, cols, s0, s1, self.precision)]
-        return [_run_launch(run, cols, s0, s1, self.precision) for run in self.runs]
+    def _triton_ok(self, x: torch.Tensor) -> bool:
+        return self._triton_rows(x) is not None
 
 
 def _viewable(x: torch.Tensor) -> bool:
@@ -232,67 +294,67 @@ def apply_(x: torch.Tensor, rotations: torch.Tensor, layout: str, transpose: boo
 
 # --- Triton ---------------------------------------------------------------------------------------
 
-# Column tile and warps per padded block size D (tuned on an H200, bench/fused_gpu.py).
-TILES = {16: (128, 4), 32: (128, 4), 64: (64, 4), 128: (64, 4), 256: (32, 8)}
-STRIP_TILES = {16: (32, 4), 32: (32, 4), 64: (32, 4), 128: (32, 4), 256: (16, 8)}
+# (column tile BN, warps) per padded block size D, for tl.dot and for "fma". Measured on an H200
+# (bench/fused_gpu.py --sweep, a 1280x1280 layer): D = 64: BN 64 / 4 warps 36 us, the other
+# (BN 32..256, 4 or 8 warps) 38..78 us; D = 128: BN 64 / 8 warps 47 us. D = 16 and 256: guesses.
+TILES = {16: (64, 4), 32: (64, 4), 64: (64, 4), 128: (64, 8), 256: (32, 8)}
+FMA_TILES = {16: (64, 4), 32: (64, 4), 64: (64, 4), 128: (64, 4), 256: (32, 8)}
+# Software-pipelining stages (num_stages) of the kernels.
+STAGES = 1
+# Programs per run, in multiples of the SM count: column tiles are shared out so that each program
+# loads its block once for several tiles. 0: one program per (block, column tile), which measured
+# faster (1280x1280: 36 against 44 us with 2 x SMs).
+PROGRAMS = 0
 
 
 def _tile(table: dict, big: int) -> tuple[int, int]:
-    return table.get(big, (16, 8))
+    return table.get(big, (32, 8))
 
 
 if triton is not None:
 
     @triton.jit
-    def _mix_block(x_ptr, idx_ptr, blk_ptr, k, cc, cmask, stride_r, stride_c,
-                   d: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
-        """Rows idx[k] of x's column tile cc = blocks[k] @ those rows."""
+    def _run_kernel(x_ptr, blk_ptr, cols, stride_r,
+                    INNER: tl.constexpr, SIZE: tl.constexpr, UNIT: tl.constexpr, d: tl.constexpr,
+                    D: tl.constexpr, BN: tl.constexpr, TPP: tl.constexpr, PREC: tl.constexpr):
+        """One run on x (n, cols), unit column stride: program (block k, column chunk c) does
+        rows idx[k] (``Run.geometry``'s formula) of column tiles c, c + chunks, ... (TPP of them)."""
+        k = tl.program_id(0)
         r = tl.arange(0, D)
-        rows = tl.load(idx_ptr + k * D + r).to(tl.int64)
-        ptrs = x_ptr + rows[:, None] * stride_r + cc[None, :] * stride_c
-        mask = (r < d)[:, None] & cmask[None, :]
-        tile = tl.load(ptrs, mask=mask, other=0.0)
-        blk = tl.load(blk_ptr + k * D * D + r[:, None] * D + r[None, :])
-        acc = tl.dot(blk, tile, input_precision=PREC)
-        tl.store(ptrs, acc, mask=mask)
+        rows = (k // INNER) * (SIZE * INNER * UNIT) + (r // UNIT) * (INNER * UNIT) + (k % INNER) * UNIT + r % UNIT
+        rmask = r < d
+        roff = rows.to(tl.int64) * stride_r
+        blk = tl.load(blk_ptr + k.to(tl.int64) * (D * D) + r[:, None] * D + r[None, :])
+        for i in range(TPP):
+            cc = (tl.program_id(1) + i * tl.num_programs(1)) * BN + tl.arange(0, BN)
+            ptrs = x_ptr + roff[:, None] + cc[None, :]
+            mask = rmask[:, None] & (cc < cols)[None, :]
+            tile = tl.load(ptrs, mask=mask, other=0.0)
+            # tl.dot reads the whole tile (through shared memory) before any thread stores
+            tl.store(ptrs, tl.dot(blk, tile, input_precision=PREC), mask=mask)
 
     @triton.jit
-    def _run_kernel(x_ptr, idx_ptr, blk_ptr, cols, stride_r, stride_c,
-                    d: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-        """One run: program (column tile, block)."""
-        cc = tl.program_id(0) * BN + tl.arange(0, BN)
-        cmask = cc < cols
-        _mix_block(x_ptr, idx_ptr, blk_ptr, tl.program_id(1), cc.to(tl.int64), cmask, stride_r, stride_c,
-                   d, D, PREC)
-
-    @triton.jit
-    def _strip_run(x_ptr, idx_ptr, blk_ptr, nblk, cc, cmask, stride_r, stride_c,
-                   d: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
-        for k in range(nblk):  # nblk: a constexpr (the interpreter cannot loop to a runtime bound)
-            _mix_block(x_ptr, idx_ptr, blk_ptr, k, cc, cmask, stride_r, stride_c, d, D, PREC)
-
-    @triton.jit
-    def _strip_kernel(x_ptr, cols, stride_r, stride_c,
-                      i0, b0, i1, b1, i2, b2, i3, b3,
-                      n0: tl.constexpr, d0: tl.constexpr, D0: tl.constexpr,
-                      n1: tl.constexpr, d1: tl.constexpr, D1: tl.constexpr,
-                      n2: tl.constexpr, d2: tl.constexpr, D2: tl.constexpr,
-                      n3: tl.constexpr, d3: tl.constexpr, D3: tl.constexpr,
-                      RUNS: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-        """Every run on one column tile: a program owns all rows of its columns."""
-        cc = tl.program_id(0) * BN + tl.arange(0, BN)
-        cmask = cc < cols
-        cc = cc.to(tl.int64)
-        _strip_run(x_ptr, i0, b0, n0, cc, cmask, stride_r, stride_c, d0, D0, PREC)
-        if RUNS > 1:
-            tl.debug_barrier()  # this program's writes of the last run are read below
-            _strip_run(x_ptr, i1, b1, n1, cc, cmask, stride_r, stride_c, d1, D1, PREC)
-        if RUNS > 2:
-            tl.debug_barrier()
-            _strip_run(x_ptr, i2, b2, n2, cc, cmask, stride_r, stride_c, d2, D2, PREC)
-        if RUNS > 3:
-            tl.debug_barrier()
-            _strip_run(x_ptr, i3, b3, n3, cc, cmask, stride_r, stride_c, d3, D3, PREC)
+    def _run_kernel_fma(x_ptr, blk_ptr, cols, stride_r,
+                        INNER: tl.constexpr, SIZE: tl.constexpr, UNIT: tl.constexpr, d: tl.constexpr,
+                        D: tl.constexpr, BN: tl.constexpr, TPP: tl.constexpr):
+        """``_run_kernel`` without tl.dot: d rank-1 updates in float32 (exact FMA, no padding in k)."""
+        k = tl.program_id(0)
+        r = tl.arange(0, D)
+        base = (k // INNER) * (SIZE * INNER * UNIT) + (k % INNER) * UNIT
+        rows = base + (r // UNIT) * (INNER * UNIT) + r % UNIT
+        rmask = r < d
+        roff = rows.to(tl.int64) * stride_r
+        bptr = blk_ptr + k.to(tl.int64) * (D * D) + r * D
+        for i in range(TPP):
+            cc = (tl.program_id(1) + i * tl.num_programs(1)) * BN + tl.arange(0, BN)
+            cmask = cc < cols
+            acc = tl.zeros((D, BN), dtype=tl.float32)
+            for j in range(d):
+                rj = base + (j // UNIT) * (INNER * UNIT) + j % UNIT
+                xr = tl.load(x_ptr + rj.to(tl.int64) * stride_r + cc, mask=cmask, other=0.0)
+                acc += tl.load(bptr + j)[:, None] * xr[None, :]
+            tl.debug_barrier()  # every thread has read these rows before any writes them
+            tl.store(x_ptr + roff[:, None] + cc[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
 
 class _Launch:
@@ -300,8 +362,8 @@ class _Launch:
 
     The first call goes through Triton's JIT (compiling if needed); later calls hand the same
     arguments straight to the compiled kernel's launcher, which skips the JIT's argument binding
-    and cache lookup (most of a launch's host time). x must keep the strides and the 16-byte
-    alignment it had (``FusedButterfly`` keys its launches on them).
+    and cache lookup. x must keep the shape, row stride and 16-byte alignment it had (the
+    specialisation Triton compiled for; ``FusedButterfly`` keys its launches on them).
     """
 
     def __init__(self, kernel, grid: tuple, args: list, consts: dict, num_warps: int):
@@ -312,9 +374,10 @@ class _Launch:
     def __call__(self, x: torch.Tensor) -> None:
         c = self.compiled
         if c is None or _knobs.runtime.launch_enter_hook is not None:
-            # The JIT path: compiles on first use; returns the compiled kernel (None when
+            # The JIT path: compiles on first use and returns the compiled kernel (None when
             # interpreted, TRITON_INTERPRET=1, which then stays on this path).
-            self.compiled = self.kernel[self.grid](x, *self.args, **self.consts, num_warps=self.num_warps)
+            self.compiled = self.kernel[self.grid](x, *self.args, **self.consts, num_warps=self.num_warps,
+                                                   num_stages=STAGES)
             if self.compiled is not None:
                 self.device, self.stream = (_driver.active.get_current_device,
                                             _driver.active.get_current_stream)
@@ -323,21 +386,32 @@ class _Launch:
               c.packed_metadata, None, None, None, x, *self.args, *self.consts.values())
 
 
-def _run_launch(run: Run, cols: int, s0: int, s1: int, precision: str) -> _Launch:
-    idx, blocks = run.device_tensors()
-    bn, warps = _tile(TILES, run.padded)
-    grid = (triton.cdiv(cols, bn), idx.shape[0], 1)
-    consts = {"d": run.d, "D": run.padded, "BN": bn, "PREC": precision}
-    return _Launch(_run_kernel, grid, [idx, blocks, cols, s0, s1], consts, warps)
+def _run_launch(run: Run, cols: int, stride: int, precision: str) -> _Launch:
+    blocks = run.padded_blocks()
+    bn, warps = _tile(FMA_TILES if precision == "fma" else TILES, run.padded)
+    tiles = triton.cdiv(cols, bn)
+    nblk = blocks.shape[0]
+    if PROGRAMS > 0:
+        chunks = min(tiles, max(1, -(-PROGRAMS * _sm_count() // nblk)))
+        per = -(-tiles // chunks)
+        chunks = -(-tiles // per)
+    else:
+        chunks, per = tiles, 1
+    inner, size, unit = run.geometry
+    consts = {"INNER": inner, "SIZE": size, "UNIT": unit, "d": run.d, "D": run.padded, "BN": bn, "TPP": per}
+    if precision == "fma":
+        kernel = _run_kernel_fma
+    else:
+        kernel = _run_kernel
+        consts["PREC"] = precision
+    return _Launch(kernel, (nblk, chunks, 1), [blocks, cols, stride], consts, warps)
 
 
-def _strip_launch(runs: list[Run], cols: int, s0: int, s1: int, precision: str) -> _Launch:
-    args, consts = [cols, s0, s1], {}
-    bn, warps = _tile(STRIP_TILES, max(run.padded for run in runs))
-    for slot in range(_STRIP_SLOTS):
-        run = runs[min(slot, len(runs) - 1)]
-        idx, blocks = run.device_tensors()
-        args += [idx, blocks]
-        consts.update({f"n{slot}": idx.shape[0], f"d{slot}": run.d, f"D{slot}": run.padded})
-    consts.update(RUNS=len(runs), BN=bn, PREC=precision)
-    return _Launch(_strip_kernel, (triton.cdiv(cols, bn), 1, 1), args, consts, warps)
+_SMS = None
+
+
+def _sm_count() -> int:
+    global _SMS
+    if _SMS is None:
+        _SMS = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return _SMS

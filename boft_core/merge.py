@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import fused
 from .butterfly import cayley
 from .fast import Butterfly
 from .formats import BoftError, BoftLayer
@@ -66,6 +67,14 @@ class Patch:
         plan = self._plans.get(transpose)
         if plan is None:
             plan = self._plans[transpose] = Butterfly(self.rotations, self.layout, transpose)
+        return plan
+
+    def fused(self) -> fused.FusedButterfly:
+        """``B`` as an in-place plan (rows never move; Triton kernels on a GPU), kept like
+        :meth:`butterfly`."""
+        plan = self._plans.get("fused")
+        if plan is None:
+            plan = self._plans["fused"] = fused.FusedButterfly(self.rotations, self.layout)
         return plan
 
 
@@ -143,11 +152,11 @@ def apply_(patch: Patch, weight: torch.Tensor) -> bool:
     if flat is None:
         return False
     _check(patch, flat.shape[0], flat.shape[1], weight.shape)
-    if patch.side == "out":
-        patch.butterfly().apply(flat, out=flat)
+    rows = flat if patch.side == "out" else flat.t()  # the butterfly mixes these rows
+    if fused.usable(rows):
+        patch.fused().apply_triton_(rows)  # GPU: one kernel per run, nothing allocated
     else:
-        cols = flat.t()
-        patch.butterfly().apply(cols, out=cols)
+        patch.butterfly().apply(rows, out=rows)
     if patch.scale is not None:
         flat.mul_(patch.scale.unsqueeze(1))
     return True
