@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from boft_core import butterfly, fast, merge  # noqa: E402
+from boft_core import butterfly, fast, fused, merge  # noqa: E402
 from boft_core.formats import parse_lycoris  # noqa: E402
 
 # ComfyUI 0.3.75's own SDXL UNet config (comfy/model_detection.py, unet_config_from_diffusers_unet)
@@ -636,7 +636,9 @@ def fmt(x: float) -> str:
 def report(res: dict) -> str:
     names = res["contenders"]
     out = [f"machine: {res['machine']}", f"command: {res['command']}",
-           f"fast path's largest block: cpu {res['blocks']['cpu']}, gpu {res['blocks']['gpu']}",
+           f"fast path's largest block: cpu {res['blocks']['cpu']}, gpu {res['blocks']['gpu']}; in place on "
+           f"CUDA: {res['blocks'].get('fused (in place, CUDA)')} ({res['blocks'].get('fused precision')}, "
+           f"Triton {res['blocks'].get('triton')})",
            f"model: {res['model']} ({res['model_class']}), {res['layers']} layers, "
            f"{res['elements'] / 1e9:.3f} G weights ({res['dtype']}), runs: {res['runs']}", ""]
     for key, err in res.get("errors", {}).items():
@@ -794,7 +796,9 @@ def main(argv=None) -> dict:
         "model": args.model, "model_class": model_class, "layers": len(layers),
         "elements": sum(layer.weight.numel() for layer in layers), "dtype": "float16",
         "runs": args.runs, "contenders": names,
-        "blocks": {"cpu": fast.CPU_BLOCK, "gpu": fast.GPU_BLOCK},
+        "blocks": {"cpu": fast.CPU_BLOCK, "gpu": fast.GPU_BLOCK, "fused (in place, CUDA)": fused.CUDA_BLOCK,
+                   "fused precision": fused.PRECISION,
+                   "triton": getattr(fused.triton, "__version__", None) if fused.available() else None},
     }
     jpath = args.json
     section(res, "accuracy",

@@ -27,17 +27,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench import power2factorization  # noqa: E402  (bench/bench.py, this folder)
 from boft_core import butterfly, fast, fused  # noqa: E402
 
 DEFAULT_CLASSES = os.path.join(ROOT, "bench", "results", "h200_sdxl_after_shape_check_once.json")
-
-
-def power2factorization(dim: int, lora_dim: int) -> tuple[int, int] | None:
-    """LyCORIS's (b, block_num): the largest even b <= lora_dim with dim / b a power of two."""
-    for b in range(lora_dim - lora_dim % 2, 0, -2):
-        if dim % b == 0 and (dim // b) & (dim // b - 1) == 0:
-            return b, dim // b
-    return None
 
 
 def load_classes(path: str, lora_dim: int) -> list[dict]:
