@@ -744,6 +744,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--block", type=int,
                    help="largest dense block of the fast path (default: boft_core.fast's)")
+    p.add_argument("--slice", type=int,
+                   help="CPU column slice of the fast path, in elements (default: boft_core.fast's)")
     p.add_argument("--memprobe", help=argparse.SUPPRESS)
     p.add_argument("--memprobe-shape", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -769,6 +771,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     if args.block:
         fast.CPU_BLOCK = fast.GPU_BLOCK = args.block
+    if args.slice:
+        fast.CPU_SLICE = args.slice
     if args.memprobe:
         memory_probe(args)
         return {}

@@ -18,6 +18,7 @@ a slice at a time, so every pass but the first read and the last write stays in 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -181,8 +182,9 @@ class Butterfly:
                 result = result.index_select(0, self.final)
             return result.view(x.shape)
         dest = torch.empty_like(flat) if out is None else out.view(self.n, cols)
+        scratch = _scratch(2 * self.n * min(slice_cols, cols), flat) if flat.device.type == "cpu" else None
         for c0 in range(0, cols, slice_cols):
-            part = self._run(flat[:, c0:c0 + slice_cols])
+            part = self._run(flat[:, c0:c0 + slice_cols], scratch)
             cut = dest[:, c0:c0 + part.shape[1]]
             if self.final is None:
                 cut.copy_(part)
@@ -190,17 +192,45 @@ class Butterfly:
                 cut.index_copy_(0, self.final_inverse, part)
         return dest.view(x.shape) if out is None else out
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        """All steps on ``x`` (n, w): a new (n, w) tensor, rows as the last step left them."""
-        width = x.shape[1]
+    def _run(self, x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """All steps on ``x`` (n, w), rows as the last step left them: a new (n, w) tensor, or a
+        view of ``scratch`` (2*n*w elements at least, used as two buffers in turn)."""
+        n, width = self.n, x.shape[1]
+        turn = 0
         for rows, (batch, d, batch_stride, row_stride), blocks in self.steps:
             if rows is not None:
-                x = x.index_select(0, rows)
+                if scratch is None:
+                    x = x.index_select(0, rows)
+                else:
+                    buf = scratch[turn * n * width:(turn + 1) * n * width].view(n, width)
+                    x = torch.index_select(x, 0, rows, out=buf)
+                    turn ^= 1
             s0, s1 = x.stride()
             x = x.as_strided((batch, d, width), (batch_stride * s0, row_stride * s0, s1),
                              x.storage_offset())
-            x = torch.bmm(blocks, x).view(self.n, width)
+            if scratch is None:
+                x = torch.bmm(blocks, x).view(n, width)
+            else:
+                y = scratch[turn * n * width:(turn + 1) * n * width].view(batch, d, width)
+                x = torch.bmm(blocks, x, out=y).view(n, width)
+                turn ^= 1
         return x
+
+
+_SCRATCH = threading.local()
+_SCRATCH_KEEP = 1 << 23  # elements; a larger scratch (unusual slice widths) is not kept
+
+
+def _scratch(size: int, like: torch.Tensor) -> torch.Tensor:
+    """A per-thread CPU buffer of at least ``size`` elements, reused across calls: the column
+    slices' passes then allocate nothing (fresh slice-sized buffers per pass cost page faults
+    whenever the allocator has handed memory back to the system)."""
+    if size > _SCRATCH_KEEP:
+        return torch.empty(size, dtype=like.dtype, device=like.device)
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < size or buf.dtype != like.dtype or buf.device != like.device:
+        buf = _SCRATCH.buf = torch.empty(size, dtype=like.dtype, device=like.device)
+    return buf
 
 
 def _stage(x: torch.Tensor, rot: torch.Tensor, i: int, layout: str) -> torch.Tensor:

@@ -253,3 +253,18 @@ def test_apply_in_place_refuses_what_it_cannot_do():
     assert torch.equal(weight, keep)
     with pytest.raises(merge.BoftError, match="32 rows"):
         merge.apply_(patch, torch.randn(16, 12))
+
+
+def test_cpu_scratch_is_per_thread():
+    """The CPU path reuses a scratch buffer per thread: concurrent calls must not share it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = torch.Generator().manual_seed(seed("threads"))
+    rot = rotations(5, 16, 10, torch.float32, gen)
+    plan = fast.Butterfly(rot, butterfly.INTERLEAVED)
+    xs = [torch.randn(160, 700, generator=gen) for _ in range(8)]
+    want = [butterfly.apply_stages(x.double(), rot.double(), butterfly.INTERLEAVED) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda x: plan.apply(x, slice_cols=64), xs))
+    for g, w in zip(got, want, strict=True):
+        assert (g.double() - w).abs().max() <= 2e-6 * w.abs().max()
