@@ -34,6 +34,19 @@ GPU_BLOCK = 80
 CPU_SLICE = 1 << 18
 
 
+def check_rotations(rotations: torch.Tensor, layout: str) -> tuple[int, int, int]:
+    """``(m, nb, b)`` of a rotations tensor (m, nb, b, b) in ``layout``; ValueError if it is none."""
+    if layout not in (INTERLEAVED, CONCATENATED):
+        raise ValueError(f"unknown butterfly layout {layout!r}")
+    if rotations.ndim != 4 or rotations.shape[-1] != rotations.shape[-2]:
+        raise ValueError(f"rotations must be (m, nb, b, b), got {tuple(rotations.shape)}")
+    m, nb, b, _ = rotations.shape
+    why = check_butterfly_shape(m, nb, b, layout)
+    if why:
+        raise ValueError(f"rotations of shape {tuple(rotations.shape)}: {why}")
+    return m, nb, b
+
+
 def _split(m: int, h: int, max_block: int) -> list[tuple[int, int]]:
     """Stages ``0..m-1`` cut into runs ``[s, e)`` of near-equal length with ``h*2^(e-s)`` at most
     ``max_block`` (one stage per run if even that is larger)."""
@@ -82,14 +95,7 @@ class Butterfly:
     def __init__(self, rotations: torch.Tensor, layout: str, transpose: bool = False,
                  max_block: int | None = None):
         layout_name = layout
-        if layout not in (INTERLEAVED, CONCATENATED):
-            raise ValueError(f"unknown butterfly layout {layout!r}")
-        if rotations.ndim != 4 or rotations.shape[-1] != rotations.shape[-2]:
-            raise ValueError(f"rotations must be (m, nb, b, b), got {tuple(rotations.shape)}")
-        m, nb, b, _ = rotations.shape
-        why = check_butterfly_shape(m, nb, b, layout)
-        if why:
-            raise ValueError(f"rotations of shape {tuple(rotations.shape)}: {why}")
+        m, nb, b = check_rotations(rotations, layout)
         if max_block is None:
             max_block = GPU_BLOCK if rotations.device.type == "cuda" else CPU_BLOCK
         self.n = nb * b

@@ -30,7 +30,7 @@ import logging
 import torch
 
 from . import fast
-from .butterfly import CONCATENATED, INTERLEAVED, check_butterfly_shape
+from .butterfly import CONCATENATED, INTERLEAVED
 
 try:  # optional: only the CUDA kernels need it
     import triton
@@ -142,14 +142,7 @@ class FusedButterfly:
 
     def __init__(self, rotations: torch.Tensor, layout: str, transpose: bool = False,
                  max_block: int | None = None, precision: str | None = None):
-        if layout not in (INTERLEAVED, CONCATENATED):
-            raise ValueError(f"unknown butterfly layout {layout!r}")
-        if rotations.ndim != 4 or rotations.shape[-1] != rotations.shape[-2]:
-            raise ValueError(f"rotations must be (m, nb, b, b), got {tuple(rotations.shape)}")
-        m, nb, b, _ = rotations.shape
-        why = check_butterfly_shape(m, nb, b, layout)
-        if why:
-            raise ValueError(f"rotations of shape {tuple(rotations.shape)}: {why}")
+        m, nb, b = fast.check_rotations(rotations, layout)
         if max_block is None:
             max_block = CUDA_BLOCK if rotations.device.type == "cuda" else fast.CPU_BLOCK
         self.n = nb * b
