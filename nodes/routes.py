@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import struct
 import sys
 import threading
@@ -155,8 +156,17 @@ def store_upload(tmp: str, name: str, folder: str) -> dict:
         os.link(tmp, target)  # atomic, and fails instead of replacing a file that appeared meanwhile
     except FileExistsError:
         return store_upload(tmp, name, folder)
-    except OSError:  # a file system without hard links
-        os.replace(tmp, target)
+    except OSError:  # a file system without hard links: create exclusively, then copy
+        try:
+            out = open(target, "xb")  # fails if the name was taken meanwhile; closed below
+        except FileExistsError:
+            return store_upload(tmp, name, folder)
+        try:
+            with out, open(tmp, "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+        except BaseException:
+            os.unlink(target)
+            raise
     return {"name": name, "format": fmt, "existed": False}
 
 

@@ -329,3 +329,36 @@ def test_adapter_in_place_and_with_a_function(comfy, pack):
     assert rel(half, weight.double() + 0.5 * (want - weight.double()), weight) < 1e-6
     low = run(lambda a: a, weight.half(), torch.float16)
     assert low.dtype == torch.float16 and rel(low, want, weight) < 2e-3
+
+
+def test_upload_store_without_hard_links_never_overwrites(pack, tmp_path, monkeypatch):
+    """On a file system without hard links the upload is copied to a name created exclusively:
+    stored once, and a different file that took the name meanwhile is never replaced."""
+    routes = sys.modules[pack.__name__ + ".nodes.routes"]
+
+    def no_links(src, dst):
+        raise OSError("hard links not supported")
+
+    monkeypatch.setattr(routes.os, "link", no_links)
+    blocks = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    upload = tmp_path / "upload.partial"
+    save_file({"lycoris_x.oft_blocks": blocks, "lycoris_x.alpha": torch.tensor(0.0)}, str(upload))
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    stored = routes.store_upload(str(upload), "mine.safetensors", str(folder))
+    assert stored == {"name": "mine.safetensors", "format": "lycoris-boft", "existed": False}
+    assert (folder / "mine.safetensors").read_bytes() == upload.read_bytes()
+    real_open, raced = open, []
+
+    def racing_open(path, mode="r", *args, **kwargs):  # another writer takes the name first
+        if mode == "xb" and not raced:
+            raced.append(path)
+            with real_open(path, "wb") as f:
+                f.write(b"someone else's file")
+            raise FileExistsError(path)
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(routes, "open", racing_open, raising=False)
+    with pytest.raises(FileExistsError, match="already in the loras folder"):
+        routes.store_upload(str(upload), "other.safetensors", str(folder))
+    assert raced and (folder / "other.safetensors").read_bytes() == b"someone else's file"
