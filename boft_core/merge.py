@@ -180,12 +180,16 @@ def merge_weight(weight: torch.Tensor, layer: BoftLayer, strength: float = 1.0,
 
 
 def _in_dtype(patch: Patch, dtype) -> Patch:
+    """``patch`` with its tensors in ``dtype``; the cast copy (and so its plans) is kept with it."""
     if patch.rotations.dtype == dtype:
         return patch
-    def cast(t):
-        return None if t is None else t.to(dtype)
-    return Patch(patch.name, patch.side, patch.layout, cast(patch.rotations), cast(patch.scale),
-                 patch.blend, cast(patch.bias))
+    cast = patch._plans.get(("dtype", dtype))
+    if cast is None:
+        def to(t):
+            return None if t is None else t.to(dtype)
+        cast = patch._plans[("dtype", dtype)] = Patch(
+            patch.name, patch.side, patch.layout, to(patch.rotations), to(patch.scale), patch.blend, to(patch.bias))
+    return cast
 
 
 def merge_bias(bias: torch.Tensor | None, patch: Patch, strength: float) -> torch.Tensor | None:

@@ -268,3 +268,20 @@ def test_cpu_scratch_is_per_thread():
         got = list(pool.map(lambda x: plan.apply(x, slice_cols=64), xs))
     for g, w in zip(got, want, strict=True):
         assert (g.double() - w).abs().max() <= 2e-6 * w.abs().max()
+
+
+def test_cast_patch_and_its_plan_are_kept():
+    """A float32 patch used on float64 inputs (bypass, merge) casts once, not per call."""
+    gen = torch.Generator().manual_seed(seed("cast kept"))
+    layer = BoftLayer("x", "lycoris-boft", torch.randn(3, 8, 4, 4, generator=gen) * 0.1)
+    patch = merge.prepare(layer, 1.0)
+    weight = torch.randn(32, 6, generator=gen, dtype=torch.float64)
+    x = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    first = merge.bypass_forward(x, weight, None, patch)
+    cast = patch._plans[("dtype", torch.float64)]
+    plan = cast.butterfly()
+    second = merge.bypass_forward(x, weight, None, patch)
+    assert patch._plans[("dtype", torch.float64)] is cast and cast.butterfly() is plan
+    assert torch.equal(first, second)
+    assert torch.allclose(first, x @ merge.apply(merge.prepare(layer, 1.0, dtype=torch.float64), weight).t(),
+                          atol=1e-6)
