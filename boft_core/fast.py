@@ -188,7 +188,9 @@ class Butterfly:
                 result = result.index_select(0, self.final)
             return result.view(x.shape)
         dest = torch.empty_like(flat) if out is None else out.view(self.n, cols)
-        scratch = _scratch(2 * self.n * min(slice_cols, cols), flat) if flat.device.type == "cpu" else None
+        grad = torch.is_grad_enabled() and (flat.requires_grad or self.steps[0][2].requires_grad)
+        use_scratch = flat.device.type == "cpu" and not grad  # (out= ops do not record autograd)
+        scratch = _scratch(2 * self.n * min(slice_cols, cols), flat) if use_scratch else None
         for c0 in range(0, cols, slice_cols):
             part = self._run(flat[:, c0:c0 + slice_cols], scratch)
             cut = dest[:, c0:c0 + part.shape[1]]
@@ -234,7 +236,8 @@ def _scratch(size: int, like: torch.Tensor) -> torch.Tensor:
     if size > _SCRATCH_KEEP:
         return torch.empty(size, dtype=like.dtype, device=like.device)
     buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.numel() < size or buf.dtype != like.dtype or buf.device != like.device:
+    if (buf is None or buf.numel() < size or buf.dtype != like.dtype or buf.device != like.device
+            or buf.is_inference() != torch.is_inference_mode_enabled()):  # (ComfyUI runs in inference mode)
         buf = _SCRATCH.buf = torch.empty(size, dtype=like.dtype, device=like.device)
     return buf
 

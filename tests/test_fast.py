@@ -285,3 +285,21 @@ def test_cast_patch_and_its_plan_are_kept():
     assert torch.equal(first, second)
     assert torch.allclose(first, x @ merge.apply(merge.prepare(layer, 1.0, dtype=torch.float64), weight).t(),
                           atol=1e-6)
+
+
+def test_cpu_path_inside_and_outside_inference_mode_and_with_grad():
+    """ComfyUI executes under torch.inference_mode(); tests and the CLI do not; weights may
+    require grad. The CPU path works in all three, in any order, in one thread."""
+    gen = torch.Generator().manual_seed(seed("modes"))
+    rot = rotations(4, 8, 10, torch.float32, gen)
+    plan = fast.Butterfly(rot, butterfly.INTERLEAVED)
+    x = torch.randn(80, 300, generator=gen)
+    want = butterfly.apply_stages(x.double(), rot.double(), butterfly.INTERLEAVED)
+    with torch.inference_mode():
+        inside = plan.apply(x.clone())
+    outside = plan.apply(x.clone())
+    with_grad = plan.apply(x.clone().requires_grad_())
+    with torch.inference_mode():
+        again = plan.apply(x.clone())
+    for got in (inside, outside, with_grad.detach(), again):
+        assert (got.double() - want).abs().max() <= 2e-6 * want.abs().max()
