@@ -268,11 +268,22 @@ def call(comfy: Comfy, adapter, weight, key):
     return comfy.float.stochastic_rounding(out, weight.dtype, seed=0)
 
 
+def run_order(names: list[str], run: int) -> list[str]:
+    """Contender order of run ``run``: core first, then the others rotated, so that each of them
+    comes right after core in one run of every len(others). (Core's weight-sized temporaries
+    slow down whatever runs next on a small VM: 20-30% measured; see RESULTS.md.)"""
+    if "core" not in names:
+        return names[run % len(names):] + names[:run % len(names)]
+    others = [name for name in names if name != "core"]
+    k = run % len(others)
+    return ["core"] + others[k:] + others[:k]
+
+
 def time_layers(comfy, layers, names, runs, clock) -> dict:
     """Per contender: per run, per layer (copy-in, adapter, cast-back) in ms."""
     result = {name: [] for name in names}
     for run in range(runs):
-        order = names if run % 2 == 0 else names[::-1]
+        order = run_order(names, run)
         for name in order:
             marks = []
             for layer in layers:
@@ -298,7 +309,7 @@ def time_adapter_loop(comfy, layers, names, runs, device) -> dict:
     """GPU: the whole set's adapter calls back to back on ready float32 copies (one sync)."""
     result = {name: [] for name in names}
     for run in range(runs):
-        for name in names if run % 2 == 0 else names[::-1]:
+        for name in run_order(names, run):
             temps = [layer.weight.to(torch.float32, copy=True) for layer in layers]
             torch.cuda.synchronize(device)
             start = time.perf_counter()
