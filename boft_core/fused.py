@@ -112,7 +112,7 @@ class Run:
     computes instead of loading ``idx``.
     """
 
-    __slots__ = ("idx", "blocks", "geometry", "d", "padded", "_dev")
+    __slots__ = ("idx", "blocks", "geometry", "d", "padded")
 
     def __init__(self, idx: torch.Tensor, blocks: torch.Tensor, geometry: tuple[int, int, int]):
         self.idx = idx
@@ -120,16 +120,13 @@ class Run:
         self.geometry = geometry
         self.d = idx.shape[1]
         self.padded = max(16, 1 << (self.d - 1).bit_length())  # tl.dot wants powers of two >= 16
-        self._dev = None
 
-    def padded_blocks(self) -> torch.Tensor:
-        """``blocks`` as float32 (batch, D, D), zero-padded to ``D = padded`` (made once)."""
-        if self._dev is None:
-            batch, d, big = self.idx.shape[0], self.d, self.padded
-            blocks = torch.zeros(batch, big, big, dtype=torch.float32, device=self.blocks.device)
-            blocks[:, :d, :d] = self.blocks
-            self._dev = blocks
-        return self._dev
+    def kernel_blocks(self) -> torch.Tensor:
+        """``blocks`` as a contiguous float32 (batch, d, d) tensor, what the kernels read (they pad
+        to ``padded`` rows with masked loads, so the plan holds no padding)."""
+        if self.blocks.dtype != torch.float32 or not self.blocks.is_contiguous():
+            self.blocks = self.blocks.float().contiguous()
+        return self.blocks
 
 
 class FusedButterfly:
@@ -319,7 +316,8 @@ if triton is not None:
         rows = (k // INNER) * (SIZE * INNER * UNIT) + (r // UNIT) * (INNER * UNIT) + (k % INNER) * UNIT + r % UNIT
         rmask = r < d
         roff = rows.to(tl.int64) * stride_r
-        blk = tl.load(blk_ptr + k.to(tl.int64) * (D * D) + r[:, None] * D + r[None, :])
+        blk = tl.load(blk_ptr + k.to(tl.int64) * (d * d) + r[:, None] * d + r[None, :],
+                      mask=rmask[:, None] & rmask[None, :], other=0.0)  # zero-padded to D x D
         for i in range(TPP):
             cc = (tl.program_id(1) + i * tl.num_programs(1)) * BN + tl.arange(0, BN)
             ptrs = x_ptr + roff[:, None] + cc[None, :]
@@ -339,7 +337,7 @@ if triton is not None:
         rows = base + (r // UNIT) * (INNER * UNIT) + r % UNIT
         rmask = r < d
         roff = rows.to(tl.int64) * stride_r
-        bptr = blk_ptr + k.to(tl.int64) * (D * D) + r * D
+        bptr = blk_ptr + k.to(tl.int64) * (d * d) + r * d
         for i in range(TPP):
             cc = (tl.program_id(1) + i * tl.num_programs(1)) * BN + tl.arange(0, BN)
             cmask = cc < cols
@@ -347,7 +345,7 @@ if triton is not None:
             for j in range(d):
                 rj = base + (j // UNIT) * (INNER * UNIT) + j % UNIT
                 xr = tl.load(x_ptr + rj.to(tl.int64) * stride_r + cc, mask=cmask, other=0.0)
-                acc += tl.load(bptr + j)[:, None] * xr[None, :]
+                acc += tl.load(bptr + j, mask=rmask, other=0.0)[:, None] * xr[None, :]
             tl.debug_barrier()  # every thread has read these rows before any writes them
             tl.store(x_ptr + roff[:, None] + cc[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
@@ -382,7 +380,7 @@ class _Launch:
 
 
 def _run_launch(run: Run, cols: int, stride: int, precision: str) -> _Launch:
-    blocks = run.padded_blocks()
+    blocks = run.kernel_blocks()
     bn, warps = _tile(FMA_TILES if precision == "fma" else TILES, run.padded)
     tiles = triton.cdiv(cols, bn)
     nblk = blocks.shape[0]
