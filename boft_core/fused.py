@@ -180,6 +180,25 @@ class FusedButterfly:
         self.runs = runs
         self._launch = {}  # (cols, row stride, data alignment) -> list of prepared launches
 
+    def split(self, parts: int) -> list[FusedButterfly]:
+        """Plans of ``parts`` equal butterflies built as one: rotations stacked along the block
+        axis (``torch.cat(..., dim=1)``) form one butterfly whose top rows are the parts, so each
+        run's blocks and rows are the parts' in order. The pieces share the blocks' memory."""
+        if parts < 1 or self.n % parts or any(run.idx.shape[0] % parts for run in self.runs):
+            raise ValueError(f"a plan of {self.n} rows does not split into {parts} equal parts")
+        n = self.n // parts
+        pieces = []
+        for part in range(parts):
+            piece = object.__new__(type(self))
+            piece.__dict__.update(self.__dict__)
+            piece.n, piece._launch, piece.runs = n, {}, []
+            for run in self.runs:
+                size = run.idx.shape[0] // parts
+                cut = slice(part * size, (part + 1) * size)
+                piece.runs.append(Run(run.idx[cut] - part * n, run.blocks[cut], run.geometry))
+            pieces.append(piece)
+        return pieces
+
     def variant(self, precision: str) -> FusedButterfly:
         """The same plan (shared blocks) with another kernel precision."""
         if precision not in PRECISIONS:

@@ -15,7 +15,7 @@ result has the weight's own dtype.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -81,24 +81,59 @@ class Patch:
 def prepare(layer: BoftLayer, strength: float = 1.0, mode: str = "lycoris",
             dtype=torch.float32) -> Patch:
     """Rotations and scale for ``layer`` at ``strength`` in ``mode`` (see the module docstring)."""
+    rotations, blend = _rotations(generators(layer, dtype), float(strength), mode)
+    return _patch(layer, rotations, blend, float(strength), mode, dtype)
+
+
+def prepare_many(layers: list[BoftLayer], strength: float = 1.0, mode: str = "lycoris",
+                 dtype=torch.float32, device=None) -> list[Patch]:
+    """:func:`prepare` for many layers at once, on ``device``: layers of one kind and block shape
+    share one batched Cayley solve and, where the Triton kernel runs, one in-place plan build
+    (each Patch keeps its slice). On a GPU this replaces dozens of small kernels per layer by a
+    few per group; the result equals preparing each layer alone."""
+    strength = float(strength)
+    groups: dict[tuple, list[int]] = {}
+    for i, layer in enumerate(layers):
+        groups.setdefault((layer.kind, layer.layout, tuple(layer.blocks.shape)), []).append(i)
+    patches: list[Patch | None] = [None] * len(layers)
+    for members in groups.values():
+        moved = [replace(layers[i], blocks=layers[i].blocks.to(device)) for i in members]
+        stacked = torch.cat([generators(layer, dtype) for layer in moved], dim=1)
+        rotations, blend = _rotations(stacked, strength, mode)
+        nb = moved[0].blocks.shape[1]
+        plans = None
+        if (len(members) > 1 and rotations.is_cuda and fused.available() and moved[0].side == "out"
+                and rotations.dtype == torch.float32):
+            plans = fused.FusedButterfly(rotations, moved[0].layout).split(len(members))
+        for j, (i, layer) in enumerate(zip(members, moved, strict=True)):
+            patch = _patch(layer, rotations[:, j * nb:(j + 1) * nb], blend, strength, mode, dtype)
+            if plans is not None:
+                patch._plans["fused"] = plans[j]
+            patches[i] = patch
+    return patches
+
+
+def _rotations(q: torch.Tensor, strength: float, mode: str) -> tuple[torch.Tensor, float | None]:
+    """The orthogonal blocks for generators ``q`` at ``strength`` in ``mode``, and the blend."""
     if mode not in MODES:
         raise BoftError(f"unknown strength mode {mode!r}; expected one of {', '.join(MODES)}.")
-    strength = float(strength)
-    q = generators(layer, dtype)
-    scale = None if layer.scale is None else layer.scale.to(dtype)
-    blend = None
     if mode == "orthogonal":
-        rotations = cayley(q * strength)
-        if scale is not None:
-            scale = 1 + strength * (scale - 1)
-    else:
-        rotations = cayley(q)
-        if mode == "linear":
-            blend = strength
-        elif strength != 1:
-            eye = torch.eye(rotations.shape[-1], dtype=dtype, device=rotations.device)
-            rotations = strength * rotations + (1 - strength) * eye
-    bias = None if layer.bias is None else layer.bias.to(dtype)
+        return cayley(q * strength), None
+    rotations = cayley(q)
+    if mode == "linear":
+        return rotations, strength
+    if strength != 1:
+        eye = torch.eye(rotations.shape[-1], dtype=rotations.dtype, device=rotations.device)
+        rotations = strength * rotations + (1 - strength) * eye
+    return rotations, None
+
+
+def _patch(layer: BoftLayer, rotations, blend, strength: float, mode: str, dtype) -> Patch:
+    device = rotations.device
+    scale = None if layer.scale is None else layer.scale.to(device, dtype)
+    if scale is not None and mode == "orthogonal":
+        scale = 1 + strength * (scale - 1)
+    bias = None if layer.bias is None else layer.bias.to(device, dtype)
     return Patch(layer.name, layer.side, layer.layout, rotations, scale, blend, bias)
 
 

@@ -7,6 +7,7 @@ from comfy.weight_adapter.base import WeightAdapterBase
 
 from ..boft_core import BoftError, BoftLayer, apply, apply_, check_weight, prepare
 from ..boft_core.formats import PEFT_PREFIX, boft_r_layer, lycoris_layer
+from ..boft_core.merge import prepare_many
 
 
 class BOFTAdapter(WeightAdapterBase):
@@ -64,6 +65,21 @@ class BOFTAdapter(WeightAdapterBase):
             patch = prepare(layer, strength, self.weights[4], dtype=dtype)
             self._patches[cache_key] = patch
         return patch
+
+    @staticmethod
+    def prepare_all(adapters: list[BOFTAdapter], strength: float, device, dtype=torch.float32) -> None:
+        """Fill the adapters' caches for (strength, device, dtype) in one batched pass: equal-shaped
+        layers share one Cayley solve and plan build (on a GPU, instead of dozens of small kernels
+        per layer at patch time). The loader nodes call it for the model's load device."""
+        cache_key = (float(strength), str(device), dtype)
+        by_mode: dict[str, list[BOFTAdapter]] = {}
+        for adapter in adapters:
+            if cache_key not in adapter._patches:
+                by_mode.setdefault(adapter.weights[4], []).append(adapter)
+        for mode, todo in by_mode.items():
+            patches = prepare_many([a.layer() for a in todo], strength, mode, dtype=dtype, device=device)
+            for adapter, patch in zip(todo, patches, strict=True):
+                adapter._patches[cache_key] = patch
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):

@@ -8,8 +8,9 @@ import threading
 
 import comfy.utils
 import folder_paths
+import torch
 
-from ..boft_core import MODES, BoftError, BoftFile, check_weight, load, read_header
+from ..boft_core import MODES, BoftError, BoftFile, check_weight, fused, load, read_header
 from ..boft_core.stats import TRIGGER_LIMIT, trigger_text
 from .adapter import BOFTAdapter, BOFTBiasAdapter
 from .keymap import guess_family, key_maps, resolve
@@ -141,6 +142,11 @@ def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, uniq
     if patches["model"]:
         new_model = model.clone()
         new_model.add_patches(patches["model"], strength_model)
+        device = getattr(model, "load_device", None)
+        if device is not None and torch.device(device).type == "cuda" and fused.available():
+            # one batched setup for every layer now, instead of per layer while ComfyUI patches
+            BOFTAdapter.prepare_all([p for p in patches["model"].values() if isinstance(p, BOFTAdapter)],
+                                    strength_model, torch.device(device))
     if patches["clip"]:
         new_clip = clip.clone()
         new_clip.add_patches(patches["clip"], strength_clip)

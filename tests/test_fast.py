@@ -303,3 +303,40 @@ def test_cpu_path_inside_and_outside_inference_mode_and_with_grad():
         again = plan.apply(x.clone())
     for got in (inside, outside, with_grad.detach(), again):
         assert (got.double() - want).abs().max() <= 2e-6 * want.abs().max()
+
+
+@pytest.mark.parametrize("mode", ["lycoris", "linear", "orthogonal"])
+def test_prepare_many_equals_prepare(mode):
+    """Layers prepared together (grouped by kind and block shape, one batched Cayley solve per
+    group) give the same patches as prepared one by one, in the input order."""
+    gen = torch.Generator().manual_seed(seed("prepare_many", mode))
+    shapes = [(4, 16, 10), (3, 8, 4), (4, 16, 10), (4, 16, 10), (3, 8, 4)]
+    layers = [BoftLayer(f"l{i}", "lycoris-boft" if i != 4 else "peft-boft",
+                        torch.randn(*s, s[-1], generator=gen).half() * 0.1, alpha=0.02 if i == 2 else 0.0,
+                        scale=1 + 0.1 * torch.randn(s[1] * s[2] if i != 4 else 5, generator=gen))
+              for i, s in enumerate(shapes)]
+    many = merge.prepare_many(layers, 0.7, mode)
+    for layer, got in zip(layers, many, strict=True):
+        want = merge.prepare(layer, 0.7, mode)
+        assert got.name == layer.name and got.blend == want.blend
+        assert torch.allclose(got.rotations, want.rotations, atol=1e-6)
+        assert torch.allclose(got.scale, want.scale)
+        weight = torch.randn(layer.dim, 7, generator=gen) if layer.side == "out" else torch.randn(5, layer.dim)
+        assert torch.allclose(merge.apply(got, weight), merge.apply(want, weight), atol=1e-5)
+
+
+def test_fused_split_equals_separate_plans():
+    """One in-place plan built for butterflies stacked along the block axis, split per part,
+    equals each part's own plan (torch path; the kernel path is in test_fused.py)."""
+    from boft_core import fused
+
+    gen = torch.Generator().manual_seed(seed("split"))
+    for layout in LAYOUTS:
+        parts = [rotations(5, 16, 10, torch.float64, gen) for _ in range(3)]
+        pieces = fused.FusedButterfly(torch.cat(parts, dim=1), layout).split(3)
+        for rot, piece in zip(parts, pieces, strict=True):
+            x = torch.randn(160, 9, generator=gen, dtype=torch.float64)
+            want = butterfly.apply_stages(x, rot, layout)
+            assert torch.allclose(piece.apply(x), want, atol=1e-12)
+    with pytest.raises(ValueError, match="equal parts"):
+        fused.FusedButterfly(rotations(2, 4, 10, torch.float64, gen), LAYOUTS[0]).split(3)

@@ -172,3 +172,23 @@ def test_merge_in_place_on_cuda(kind):
     assert merge.apply_(patch, target)
     assert (("fused" in patch._plans) == kind.startswith("lycoris"))
     assert ((target.double().cpu() - want).norm() / want.norm()).item() < 1e-5
+
+
+@needs_triton
+def test_prepare_many_on_cuda_shares_one_plan_build():
+    """merge.prepare_many on a GPU: one fused plan per group of equal layers, split per layer;
+    each layer's in-place merge matches the float64 reference."""
+    from boft_core import merge
+    from boft_core.formats import BoftLayer
+
+    gen = torch.Generator().manual_seed(37)
+    layers = [BoftLayer(f"l{i}", "lycoris-boft", torch.randn(8, 128, 10, 10, generator=gen) * 0.1)
+              for i in range(4)]
+    patches = merge.prepare_many(layers, 0.8, "lycoris", device=torch.device("cuda"))
+    for layer, patch in zip(layers, patches, strict=True):
+        assert "fused" in patch._plans and patch._plans["fused"].n == 1280
+        weight = torch.randn(1280, 200, generator=gen, dtype=torch.float64)
+        want = merge.apply(merge.prepare(layer, 0.8, "lycoris", dtype=torch.float64), weight)
+        target = weight.float().cuda()
+        assert merge.apply_(patch, target)
+        assert ((target.double().cpu() - want).norm() / want.norm()).item() < 1e-5

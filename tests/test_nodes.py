@@ -362,3 +362,21 @@ def test_upload_store_without_hard_links_never_overwrites(pack, tmp_path, monkey
     with pytest.raises(FileExistsError, match="already in the loras folder"):
         routes.store_upload(str(upload), "other.safetensors", str(folder))
     assert raced and (folder / "other.safetensors").read_bytes() == b"someone else's file"
+
+
+def test_adapters_prepared_together_patch_like_one_by_one(comfy, pack):
+    """BOFTAdapter.prepare_all (what the loaders do for a CUDA load device) fills the caches that
+    calculate_weight then uses, with the same result as preparing each layer on first use."""
+    adapter_mod = sys.modules[pack.__name__ + ".nodes.adapter"]
+    gen = torch.Generator().manual_seed(23)
+    layers = [boft_core.BoftLayer(f"l{i}", "lycoris-boft", torch.randn(4, 16, 10, 10, generator=gen) * 0.1)
+              for i in range(3)]
+    together = [adapter_mod.BOFTAdapter.from_layer(layer, "orthogonal") for layer in layers]
+    alone = [adapter_mod.BOFTAdapter.from_layer(layer, "orthogonal") for layer in layers]
+    adapter_mod.BOFTAdapter.prepare_all(together, 0.6, torch.device("cpu"))
+    assert all(len(a._patches) == 1 for a in together)
+    for a, b in zip(together, alone, strict=True):
+        weight = torch.randn(160, 30, generator=gen)
+        got = a.calculate_weight(weight.clone(), "k", 0.6, 1.0, None, lambda x: x)
+        want = b.calculate_weight(weight.clone(), "k", 0.6, 1.0, None, lambda x: x)
+        assert torch.allclose(got, want, atol=1e-5) and len(a._patches) == 1

@@ -1,0 +1,67 @@
+"""First patch at a new strength: the whole SDXL set with fresh adapters (nothing cached).
+
+``python bench/cold_start.py --help``. Times, for the set of bench.py, the adapter calls of fresh
+node adapters (each layer prepared on its first call, as through core's LoRA loader), the same
+after ``BOFTAdapter.prepare_all`` (what this pack's loader nodes do for a CUDA load device; its
+time is counted), and core's adapter. Not a test; results in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  (bench/bench.py)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--comfyui", default=os.environ.get("BOFT_COMFYUI_DIR")
+                   or os.path.join(bench.ROOT, ".comfyui", "ComfyUI"), help="ComfyUI checkout")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--subset", type=int)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    comfy = bench.Comfy(args.comfyui, device)
+    net, _ = bench.build_model(comfy, "sdxl", "meta", torch.float16)
+    layers = bench.subset(bench.model_layers(net, 16), args.subset)
+    for i, layer in enumerate(layers):
+        gen = torch.Generator().manual_seed(i)
+        layer.weight = torch.randn(layer.shape, generator=gen).half().to(device)
+    warm = layers[:4]  # libraries, Triton's compile and its self-test, outside the timing
+
+    def fresh(name):
+        for i, layer in enumerate(layers):
+            bench.make_adapters(comfy, layer, device, torch.float16, i)
+        return [layer.contenders[name] for layer in layers]
+
+    def run(adapters, prepare=False) -> float:
+        temps = [layer.weight.to(torch.float32, copy=True) for layer in layers]
+        bench.Clock(device).sync()
+        start = time.perf_counter()
+        if prepare:
+            type(adapters[0]).prepare_all(adapters, 1.0, device)
+        for layer, adapter, temp in zip(layers, adapters, temps, strict=True):
+            comfy.lora.calculate_weight([(1.0, adapter, 1.0, None, None)], temp, layer.key)
+        bench.Clock(device).sync()
+        return (time.perf_counter() - start) * 1e3
+
+    for layer in warm:
+        bench.make_adapters(comfy, layer, device, torch.float16, 0)
+        for name in ("core", "node"):
+            temp = layer.weight.to(torch.float32, copy=True)
+            comfy.lora.calculate_weight([(1.0, layer.contenders[name], 1.0, None, None)], temp, layer.key)
+    print(f"{len(layers)} layers on {bench.machine(device)}")
+    print(f"core: {run(fresh('core')):.0f} ms", flush=True)
+    print(f"node, prepared per layer on its first call: {run(fresh('node')):.0f} ms", flush=True)
+    adapters = fresh("node")
+    print(f"node, prepare_all first (what the loader nodes do; included): {run(adapters, True):.0f} ms")
+    print(f"node, warm (the same adapters again): {run(adapters):.0f} ms")
+
+if __name__ == "__main__":
+    main()
