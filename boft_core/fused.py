@@ -112,14 +112,24 @@ class Run:
     computes instead of loading ``idx``.
     """
 
-    __slots__ = ("idx", "blocks", "geometry", "d", "padded")
+    __slots__ = ("_idx", "blocks", "geometry", "d", "padded")
 
-    def __init__(self, idx: torch.Tensor, blocks: torch.Tensor, geometry: tuple[int, int, int]):
-        self.idx = idx
+    def __init__(self, idx: torch.Tensor | None, blocks: torch.Tensor, geometry: tuple[int, int, int]):
+        self._idx = idx  # None: computed from the geometry when first needed (torch path only)
         self.blocks = blocks
         self.geometry = geometry
-        self.d = idx.shape[1]
+        self.d = blocks.shape[1]
         self.padded = max(16, 1 << (self.d - 1).bit_length())  # tl.dot wants powers of two >= 16
+
+    @property
+    def idx(self) -> torch.Tensor:
+        if self._idx is None:
+            inner, size, unit = self.geometry
+            k = torch.arange(self.blocks.shape[0], device=self.blocks.device).unsqueeze(1)
+            r = torch.arange(self.d, device=self.blocks.device).unsqueeze(0)
+            self._idx = ((k // inner) * (size * inner * unit) + (r // unit) * (inner * unit)
+                         + (k % inner) * unit + r % unit)
+        return self._idx
 
     def kernel_blocks(self) -> torch.Tensor:
         """``blocks`` as a contiguous float32 (batch, d, d) tensor, what the kernels read (they pad
@@ -184,7 +194,7 @@ class FusedButterfly:
         """Plans of ``parts`` equal butterflies built as one: rotations stacked along the block
         axis (``torch.cat(..., dim=1)``) form one butterfly whose top rows are the parts, so each
         run's blocks and rows are the parts' in order. The pieces share the blocks' memory."""
-        if parts < 1 or self.n % parts or any(run.idx.shape[0] % parts for run in self.runs):
+        if parts < 1 or self.n % parts or any(run.blocks.shape[0] % parts for run in self.runs):
             raise ValueError(f"a plan of {self.n} rows does not split into {parts} equal parts")
         n = self.n // parts
         pieces = []
@@ -193,9 +203,8 @@ class FusedButterfly:
             piece.__dict__.update(self.__dict__)
             piece.n, piece._launch, piece.runs = n, {}, []
             for run in self.runs:
-                size = run.idx.shape[0] // parts
-                cut = slice(part * size, (part + 1) * size)
-                piece.runs.append(Run(run.idx[cut] - part * n, run.blocks[cut], run.geometry))
+                size = run.blocks.shape[0] // parts
+                piece.runs.append(Run(None, run.blocks[part * size:(part + 1) * size], run.geometry))
             pieces.append(piece)
         return pieces
 

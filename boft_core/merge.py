@@ -28,7 +28,7 @@ from .formats import BoftError, BoftLayer
 MODES = ("lycoris", "linear", "orthogonal")
 
 
-def generators(layer: BoftLayer, dtype=torch.float32) -> torch.Tensor:
+def generators(layer: BoftLayer, dtype=torch.float32, parts: int = 1) -> torch.Tensor:
     """Skew-symmetric ``Q`` (m, nb, b, b) with ``R = (I + Q)(I - Q)^-1`` in ``layer.layout``.
 
     LyCORIS BOFT: ``Q = A - Aᵀ``; diag-OFT applies ``Rᵀ = cayley(-Q)``; PEFT/kohya:
@@ -41,11 +41,11 @@ def generators(layer: BoftLayer, dtype=torch.float32) -> torch.Tensor:
         q = -q
     elif layer.kind in ("peft-boft", "kohya-boft"):
         q = q * -0.5
-    threshold = layer.alpha * layer.dim
-    if threshold > 0:
-        norm = torch.linalg.vector_norm(q) + 1e-8
-        if norm > threshold:
-            q = q * (threshold / norm)
+    threshold = layer.alpha * layer.dim / parts
+    if threshold > 0:  # per part (layers stacked along the block axis), without a device sync
+        split = q.unflatten(1, (parts, -1))
+        norm = torch.linalg.vector_norm(split, dim=(0, 2, 3, 4)) + 1e-8
+        q = (split * (threshold / norm).clamp(max=1.0).view(1, parts, 1, 1, 1)).flatten(1, 2)
     return q
 
 
@@ -94,19 +94,20 @@ def prepare_many(layers: list[BoftLayer], strength: float = 1.0, mode: str = "ly
     strength = float(strength)
     groups: dict[tuple, list[int]] = {}
     for i, layer in enumerate(layers):
-        groups.setdefault((layer.kind, layer.layout, tuple(layer.blocks.shape)), []).append(i)
+        groups.setdefault((layer.kind, tuple(layer.blocks.shape), layer.alpha), []).append(i)
     patches: list[Patch | None] = [None] * len(layers)
     for members in groups.values():
-        moved = [replace(layers[i], blocks=layers[i].blocks.to(device)) for i in members]
-        stacked = torch.cat([generators(layer, dtype) for layer in moved], dim=1)
-        rotations, blend = _rotations(stacked, strength, mode)
-        nb = moved[0].blocks.shape[1]
+        first = layers[members[0]]
+        blocks = torch.cat([layers[i].blocks for i in members], dim=1).to(device)  # one copy
+        stacked = replace(first, blocks=blocks, scale=None, bias=None)
+        rotations, blend = _rotations(generators(stacked, dtype, parts=len(members)), strength, mode)
+        nb = first.blocks.shape[1]
         plans = None
-        if (len(members) > 1 and rotations.is_cuda and fused.available() and moved[0].side == "out"
+        if (len(members) > 1 and rotations.is_cuda and fused.available() and first.side == "out"
                 and rotations.dtype == torch.float32):
-            plans = fused.FusedButterfly(rotations, moved[0].layout).split(len(members))
-        for j, (i, layer) in enumerate(zip(members, moved, strict=True)):
-            patch = _patch(layer, rotations[:, j * nb:(j + 1) * nb], blend, strength, mode, dtype)
+            plans = fused.FusedButterfly(rotations, first.layout).split(len(members))
+        for j, i in enumerate(members):
+            patch = _patch(layers[i], rotations[:, j * nb:(j + 1) * nb], blend, strength, mode, dtype)
             if plans is not None:
                 patch._plans["fused"] = plans[j]
             patches[i] = patch
