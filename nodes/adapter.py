@@ -56,7 +56,7 @@ class BOFTAdapter(WeightAdapterBase):
 
     def patch_for(self, strength: float, device, dtype):
         """The prepared rotation for this strength, computed once per (strength, device, dtype)."""
-        cache_key = (float(strength), str(device), dtype)
+        cache_key = (float(strength), _device_key(device), dtype)
         patch = self._patches.get(cache_key)
         if patch is None:
             layer = self.layer()
@@ -71,7 +71,7 @@ class BOFTAdapter(WeightAdapterBase):
         """Fill the adapters' caches for (strength, device, dtype) in one batched pass: equal-shaped
         layers share one Cayley solve and plan build (on a GPU, instead of dozens of small kernels
         per layer at patch time). The loader nodes call it for the model's load device."""
-        cache_key = (float(strength), str(device), dtype)
+        cache_key = (float(strength), _device_key(device), dtype)
         by_mode: dict[str, list[BOFTAdapter]] = {}
         for adapter in adapters:
             if cache_key not in adapter._patches:
@@ -97,6 +97,14 @@ class BOFTAdapter(WeightAdapterBase):
         new = apply(patch, weight)
         weight += function(new.sub_(weight))  # new - weight computed into new itself
         return weight
+
+
+def _device_key(device) -> str:
+    """``cuda`` and ``cuda:0`` (the current device) are one cache entry."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
 
 
 _IDENTITY = (lambda a: a).__code__
