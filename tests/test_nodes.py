@@ -380,3 +380,26 @@ def test_adapters_prepared_together_patch_like_one_by_one(comfy, pack):
         got = a.calculate_weight(weight.clone(), "k", 0.6, 1.0, None, lambda x: x)
         want = b.calculate_weight(weight.clone(), "k", 0.6, 1.0, None, lambda x: x)
         assert torch.allclose(got, want, atol=1e-5) and len(a._patches) == 1
+
+
+def test_loader_prepares_all_layers_at_once_for_a_cuda_load_device(comfy, pack, sd15_ckpt, loras_dir,
+                                                                   lycoris_prefix, monkeypatch):
+    """With a CUDA load device and Triton, the loader hands every model adapter to prepare_all
+    (one batched setup) with the node's strength and that device; elsewhere it does not."""
+    loader_mod = sys.modules[pack.__name__ + ".nodes.loader"]
+    model = load_model(comfy, sd15_ckpt)
+    path = loras_dir / "prepare_all.safetensors"
+    unet_adapter(path, comfy, model)
+    calls = []
+    monkeypatch.setattr(loader_mod.BOFTAdapter, "prepare_all",
+                        staticmethod(lambda adapters, strength, device: calls.append((adapters, strength, device))))
+    node = pack.NODE_CLASS_MAPPINGS["BOFTLoaderModelOnly"]()
+    node.load_boft(model, path.name, 0.6, "orthogonal")
+    assert calls == []  # a CPU load device
+    monkeypatch.setattr(loader_mod.fused, "available", lambda: True)
+    monkeypatch.setattr(model, "load_device", torch.device("cuda", 0))
+    out = node.load_boft(model, path.name, 0.6, "orthogonal")
+    (adapters, strength, device), = calls
+    patched = out["result"][0]
+    assert strength == 0.6 and device == torch.device("cuda", 0)
+    assert {id(a) for a in adapters} == {id(p[1]) for p in (v[-1] for v in patched.patches.values())}
