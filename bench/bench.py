@@ -335,16 +335,25 @@ def time_graph(layers, runs, device) -> list[float]:
         for layer, temp in zip(layers, temps, strict=True):
             layer.contenders["in place"].calculate_weight(temp, layer.key, 1.0, 1.0, None, None)
 
+    times = graph_replays(work, max(runs, 3), device)
+    temps.clear()
+    torch.cuda.empty_cache()
+    return times
+
+
+def graph_replays(work, runs: int, device) -> list[float]:
+    """``work()`` captured once in a CUDA graph (after a warm-up on a side stream, so library
+    handles and workspaces exist first) and replayed ``runs`` times: GPU ms per replay."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        work()  # warm-up: library handles and workspaces exist before the capture
+        work()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         work()
     times = []
-    for _ in range(max(runs, 3)):
+    for _ in range(runs):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
@@ -352,8 +361,6 @@ def time_graph(layers, runs, device) -> list[float]:
         torch.cuda.synchronize(device)
         times.append(start.elapsed_time(end))
     del graph
-    temps.clear()
-    torch.cuda.empty_cache()
     return times
 
 

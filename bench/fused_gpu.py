@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench import power2factorization  # noqa: E402  (bench/bench.py, this folder)
+from bench import graph_replays, power2factorization  # noqa: E402  (bench/bench.py, this folder)
 from boft_core import butterfly, fast, fused  # noqa: E402
 
 DEFAULT_CLASSES = os.path.join(ROOT, "bench", "results", "h200_sdxl_after_shape_check_once.json")
@@ -134,26 +134,10 @@ def host_time(cont, xs, device, calls=150):
 
 def graph_time(cont, xs, reps, device):
     """The whole set captured in one CUDA graph: GPU ms of a replay (median)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
+    def work():
         for plan, x in zip(cont.plans, xs, strict=True):
             cont.call(plan, x)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for plan, x in zip(cont.plans, xs, strict=True):
-            cont.call(plan, x)
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        torch.cuda.synchronize(device)
-        times.append(a.elapsed_time(b))
-    del graph
-    return statistics.median(times)
+    return statistics.median(graph_replays(work, reps, device))
 
 
 def rel(a, ref):

@@ -47,6 +47,39 @@ def check_rotations(rotations: torch.Tensor, layout: str) -> tuple[int, int, int
     return m, nb, b
 
 
+def row_axes(m: int, nb: int, b: int, max_block: int) -> tuple[int, list[int], list[tuple[int, int]]]:
+    """``(unit, sizes, runs)``: a row index is (top, one axis per run (last run first), u) with
+    these sizes, ``u`` of ``unit`` rows; ``runs`` are the stage ranges ``[s, e)`` grouped into one
+    dense block each (see :func:`_split`). Odd ``b``: one stage of contiguous blocks."""
+    if b % 2:
+        return b, [nb], [(0, 1)]
+    unit = b // 2
+    runs = _split(m, unit, max_block)
+    return unit, [nb // 2 ** (m - 1)] + [2 ** (e - s) for s, e in reversed(runs)], runs
+
+
+def dense_blocks(rotations, layout: str, unit: int, sizes: list[int], run: tuple[int, int], axis: int,
+                 target: list[int]) -> torch.Tensor:
+    """Dense blocks of the stages in ``run``, one per value of the other axes, ``target`` order.
+
+    Applies the stages to a probe that is the identity on the run's axis and ``u``, repeated
+    for every value of the other axes, and reads the blocks off the result.
+    """
+    n = unit
+    for size in sizes:
+        n *= size
+    d = sizes[axis] * unit
+    others = [a for a in range(len(sizes)) if a != axis]
+    eye = torch.eye(d, dtype=rotations.dtype, device=rotations.device)
+    probe = eye.expand(n // d, d, d).reshape([sizes[a] for a in others] + [sizes[axis], unit, d])
+    probe = probe.movedim(len(others), axis).reshape(n, d)  # rows in original order
+    for i in range(*run):
+        probe = _stage(probe, rotations[i], i, layout)
+    # probe[r, c] = block(other axes of r)[local position of r, c]
+    perm = target + [len(sizes), len(sizes) + 1]
+    return probe.view(sizes + [unit, d]).permute(perm).reshape(-1, d, d)
+
+
 def _split(m: int, h: int, max_block: int) -> list[tuple[int, int]]:
     """Stages ``0..m-1`` cut into runs ``[s, e)`` of near-equal length with ``h*2^(e-s)`` at most
     ``max_block`` (one stage per run if even that is larger)."""
@@ -100,14 +133,7 @@ class Butterfly:
             max_block = GPU_BLOCK if rotations.device.type == "cuda" else CPU_BLOCK
         self.n = nb * b
         self.transpose = transpose
-        if b % 2:  # one stage of contiguous odd blocks (concatenated layout only)
-            self.unit, self.sizes = b, [nb]
-            runs = [(0, 1)]
-        else:
-            self.unit = b // 2
-            runs = _split(m, self.unit, max_block)
-            # Row axes, most significant first: top, then one axis per run (last run first).
-            self.sizes = [nb // 2 ** (m - 1)] + [2 ** (e - s) for s, e in reversed(runs)]
+        self.unit, self.sizes, runs = row_axes(m, nb, b, max_block)
         # Row axes: ids 0..len(sizes)-1 (id 0 = top, id len-1-j = run j), then u (id len(sizes));
         # axes of size 1 play no part in the memory order.
         dims = self.sizes + [self.unit]
@@ -124,7 +150,7 @@ class Butterfly:
             others = [a for a in target if a not in (axis, unit)]
             j = unit - 1 - axis
             ones = [a for a in range(unit) if dims[a] == 1]  # size-1 axes: anywhere in the batch
-            blocks = self._blocks(rotations, layout_name, runs[j], axis, ones + others + [axis])
+            blocks = dense_blocks(rotations, layout_name, self.unit, self.sizes, runs[j], axis, ones + others + [axis])
             if transpose:
                 blocks = blocks.transpose(-1, -2)
             batch, d = blocks.shape[0], blocks.shape[1]
@@ -144,24 +170,6 @@ class Butterfly:
             return None
         perm = [layout.index(a) for a in target]
         return rows.view([dims[a] for a in layout]).permute(perm).reshape(-1)
-
-    def _blocks(self, rotations, layout, run, axis, target) -> torch.Tensor:
-        """Dense blocks of the stages in ``run``, one per value of the other axes, ``target`` order.
-
-        Applies the stages to a probe that is the identity on the run's axis and ``u``, repeated
-        for every value of the other axes, and reads the blocks off the result.
-        """
-        d = self.sizes[axis] * self.unit
-        others = [a for a in range(len(self.sizes)) if a != axis]
-        eye = torch.eye(d, dtype=rotations.dtype, device=rotations.device)
-        probe = eye.expand(self.n // d, d, d).reshape(
-            [self.sizes[a] for a in others] + [self.sizes[axis], self.unit, d])
-        probe = probe.movedim(len(others), axis).reshape(self.n, d)  # rows in original order
-        for i in range(*run):
-            probe = _stage(probe, rotations[i], i, layout)
-        # probe[r, c] = block(other axes of r)[local position of r, c]
-        perm = target + [len(self.sizes), len(self.sizes) + 1]
-        return probe.view(self.sizes + [self.unit, d]).permute(perm).reshape(-1, d, d)
 
     def apply(self, x: torch.Tensor, slice_cols: int | None = None,
               out: torch.Tensor | None = None) -> torch.Tensor:

@@ -160,22 +160,17 @@ class FusedButterfly:
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}")
         rows = torch.arange(self.n, device=rotations.device)
+        self.unit, self.sizes, spans = fast.row_axes(m, nb, b, max_block)
         if b % 2:  # one stage of contiguous odd blocks (concatenated layout only)
-            self.unit, self.sizes = b, [nb]
             blocks = rotations[0]
             runs = [Run(rows.view(nb, b), blocks.transpose(-1, -2) if transpose else blocks, (1, 1, b))]
         else:
-            self.unit = b // 2
-            spans = fast._split(m, self.unit, max_block)
-            # Row axes, most significant first: top, then one per run (last run first), then u.
-            self.sizes = [nb // 2 ** (m - 1)] + [2 ** (e - s) for s, e in reversed(spans)]
             unit = len(self.sizes)
             runs = []
             for j, span in enumerate(spans):
                 axis = unit - 1 - j
                 others = [a for a in range(unit) if a != axis]
-                # fast.Butterfly's probe, which needs only n, unit and sizes of its instance
-                blocks = fast.Butterfly._blocks(self, rotations, layout, span, axis, others + [axis])
+                blocks = fast.dense_blocks(rotations, layout, self.unit, self.sizes, span, axis, others + [axis])
                 idx = rows.view(self.sizes + [self.unit]).permute(others + [axis, unit])
                 idx = idx.reshape(blocks.shape[0], blocks.shape[1])
                 inner = 1

@@ -62,20 +62,20 @@ class Patch:
     bias: torch.Tensor | None = None  # PEFT trained bias, blended by strength
     _plans: dict = field(default_factory=dict, repr=False, compare=False)
 
+    def kept(self, key, build):
+        """``build()``, made on first use and kept with the patch under ``key``."""
+        value = self._plans.get(key)
+        if value is None:
+            value = self._plans[key] = build()
+        return value
+
     def butterfly(self, transpose: bool = False) -> Butterfly:
         """``B`` (or ``Bᵀ``) as dense blocks, built on first use and kept with the patch."""
-        plan = self._plans.get(transpose)
-        if plan is None:
-            plan = self._plans[transpose] = Butterfly(self.rotations, self.layout, transpose)
-        return plan
+        return self.kept(transpose, lambda: Butterfly(self.rotations, self.layout, transpose))
 
     def fused(self) -> fused.FusedButterfly:
-        """``B`` as an in-place plan (rows never move; Triton kernels on a GPU), kept like
-        :meth:`butterfly`."""
-        plan = self._plans.get("fused")
-        if plan is None:
-            plan = self._plans["fused"] = fused.FusedButterfly(self.rotations, self.layout)
-        return plan
+        """``B`` as an in-place plan (rows never move; Triton kernels on a GPU), kept likewise."""
+        return self.kept("fused", lambda: fused.FusedButterfly(self.rotations, self.layout))
 
 
 def prepare(layer: BoftLayer, strength: float = 1.0, mode: str = "lycoris",
@@ -219,13 +219,10 @@ def _in_dtype(patch: Patch, dtype) -> Patch:
     """``patch`` with its tensors in ``dtype``; the cast copy (and so its plans) is kept with it."""
     if patch.rotations.dtype == dtype:
         return patch
-    cast = patch._plans.get(("dtype", dtype))
-    if cast is None:
-        def to(t):
-            return None if t is None else t.to(dtype)
-        cast = patch._plans[("dtype", dtype)] = Patch(
-            patch.name, patch.side, patch.layout, to(patch.rotations), to(patch.scale), patch.blend, to(patch.bias))
-    return cast
+    def to(t):
+        return None if t is None else t.to(dtype)
+    return patch.kept(("dtype", dtype), lambda: Patch(
+        patch.name, patch.side, patch.layout, to(patch.rotations), to(patch.scale), patch.blend, to(patch.bias)))
 
 
 def merge_bias(bias: torch.Tensor | None, patch: Patch, strength: float) -> torch.Tensor | None:

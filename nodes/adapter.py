@@ -56,7 +56,7 @@ class BOFTAdapter(WeightAdapterBase):
 
     def patch_for(self, strength: float, device, dtype):
         """The prepared rotation for this strength, computed once per (strength, device, dtype)."""
-        cache_key = (float(strength), _device_key(device), dtype)
+        cache_key = (float(strength), str(device), dtype)  # a tensor's device: always indexed
         patch = self._patches.get(cache_key)
         if patch is None:
             layer = self.layer()
@@ -100,7 +100,8 @@ class BOFTAdapter(WeightAdapterBase):
 
 
 def _device_key(device) -> str:
-    """``cuda`` and ``cuda:0`` (the current device) are one cache entry."""
+    """``cuda`` as the tensors it makes report it (``cuda:0``, the current device), so that
+    prepare_all's entries are the ones patch_for looks up."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
