@@ -213,23 +213,21 @@ class Butterfly:
         view of ``scratch`` (2*n*w elements at least, used as two buffers in turn)."""
         n, width = self.n, x.shape[1]
         turn = 0
+
+        def buffer(shape):  # the next half of scratch, or None: a new tensor
+            nonlocal turn
+            if scratch is None:
+                return None
+            turn ^= 1
+            return scratch[(1 - turn) * n * width:(2 - turn) * n * width].view(shape)
+
         for rows, (batch, d, batch_stride, row_stride), blocks in self.steps:
             if rows is not None:
-                if scratch is None:
-                    x = x.index_select(0, rows)
-                else:
-                    buf = scratch[turn * n * width:(turn + 1) * n * width].view(n, width)
-                    x = torch.index_select(x, 0, rows, out=buf)
-                    turn ^= 1
+                x = torch.index_select(x, 0, rows, out=buffer((n, width)))
             s0, s1 = x.stride()
             x = x.as_strided((batch, d, width), (batch_stride * s0, row_stride * s0, s1),
                              x.storage_offset())
-            if scratch is None:
-                x = torch.bmm(blocks, x).view(n, width)
-            else:
-                y = scratch[turn * n * width:(turn + 1) * n * width].view(batch, d, width)
-                x = torch.bmm(blocks, x, out=y).view(n, width)
-                turn ^= 1
+            x = torch.bmm(blocks, x, out=buffer((batch, d, width))).view(n, width)
         return x
 
 
