@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 
 import comfy.utils
@@ -11,6 +12,7 @@ import folder_paths
 import torch
 
 from ..boft_core import MODES, BoftError, BoftFile, check_weight, fused, load, read_header
+from ..boft_core.formats import resolve_path
 from ..boft_core.stats import TRIGGER_LIMIT, trigger_text
 from .adapter import BOFTAdapter, BOFTBiasAdapter
 from .keymap import guess_family, key_maps, resolve
@@ -29,6 +31,17 @@ MODE_TOOLTIP = (
 )
 
 
+def file_stamp(path: str) -> tuple:
+    """What changes when a file (or a PEFT folder's weights and config) is replaced on disk:
+    the loader's IS_CHANGED and the parse cache both key on it."""
+    stamp = []
+    for part in resolve_path(path):
+        if part is not None:
+            stat = os.stat(part)
+            stamp += [stat.st_ino, stat.st_mtime_ns, stat.st_size]
+    return tuple(stamp)
+
+
 class FileCache:
     """Parsed BOFT files by path, reread only when the file changes on disk."""
 
@@ -37,9 +50,7 @@ class FileCache:
         self._files: dict[str, tuple[tuple, BoftFile]] = {}
 
     def get(self, path: str) -> BoftFile:
-        target = os.path.join(path, "adapter_model.safetensors") if os.path.isdir(path) else path
-        stat = os.stat(target)
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        stamp = file_stamp(path)
         with self._lock:
             hit = self._files.get(path)
             if hit is not None and hit[0] == stamp:
@@ -185,7 +196,31 @@ def _inputs(with_clip: bool) -> dict:
     return {"required": required, "hidden": {"unique_id": "UNIQUE_ID"}}
 
 
-class BOFTLoader:
+def _host_category() -> str:
+    """Where the host keeps its own LoRA loaders (``loaders`` on 0.3.75, ``model/loaders`` on 0.28):
+    ours sit beside them. ComfyUI's ``nodes`` module is loaded before any custom node."""
+    lora_loader = getattr(sys.modules.get("nodes"), "LoraLoader", None)
+    return getattr(lora_loader, "CATEGORY", "loaders")
+
+
+class _Loader:
+    """What both loader nodes share: where they sit, how search finds them, when they re-run."""
+
+    CATEGORY = _host_category()
+    SEARCH_ALIASES = ["boft", "oft", "lycoris", "orthogonal", "lora", "butterfly"]
+    FUNCTION = "load_boft"
+
+    @classmethod
+    def IS_CHANGED(cls, boft_name, **_):
+        """The file's identity on disk: replacing a file under the same name re-runs the node
+        (ComfyUI otherwise reuses the cached output, whose inputs did not change)."""
+        try:
+            return f"{boft_name}:{file_stamp(folder_paths.get_full_path_or_raise('loras', boft_name))}"
+        except (OSError, BoftError):
+            return float("nan")  # missing now: never equal, so the run happens and reports the error
+
+
+class BOFTLoader(_Loader):
     @classmethod
     def INPUT_TYPES(cls):
         return _inputs(with_clip=True)
@@ -193,8 +228,6 @@ class BOFTLoader:
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
     RETURN_NAMES = ("MODEL", "CLIP", "trigger_words")
     OUTPUT_TOOLTIPS = ("The patched diffusion model.", "The patched text encoder.", TRIGGER_TOOLTIP)
-    FUNCTION = "load_boft"
-    CATEGORY = "loaders"
     DESCRIPTION = "Apply a BOFT (butterfly orthogonal fine-tuning) adapter to a model and its text encoder."
 
     def load_boft(self, model, clip, boft_name, strength_model, strength_clip, mode="lycoris", unique_id=None):
@@ -203,7 +236,7 @@ class BOFTLoader:
         return {"ui": {"boft_report": [report]}, "result": (new_model, new_clip, trigger_words_of(boft_name))}
 
 
-class BOFTLoaderModelOnly:
+class BOFTLoaderModelOnly(_Loader):
     @classmethod
     def INPUT_TYPES(cls):
         return _inputs(with_clip=False)
@@ -211,8 +244,6 @@ class BOFTLoaderModelOnly:
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("MODEL", "trigger_words")
     OUTPUT_TOOLTIPS = ("The patched diffusion model.", TRIGGER_TOOLTIP)
-    FUNCTION = "load_boft"
-    CATEGORY = "loaders"
     DESCRIPTION = "Apply a BOFT (butterfly orthogonal fine-tuning) adapter to a diffusion model."
 
     def load_boft(self, model, boft_name, strength_model, mode="lycoris", unique_id=None):

@@ -3,13 +3,15 @@
 # (requirements-browser.txt) in .venv. Nothing here downloads a browser build: Playwright only
 # drives /usr/bin/chromium (tests/test_frontend.py passes executable_path).
 #
-# Use: `bash scripts/setup_browser.sh`, or source it and call `setup_browser` (scripts/setup.sh).
+# Use: `bash scripts/setup_browser.sh [PYTHON]`, or source it and call `setup_browser [PYTHON]`
+# (scripts/setup.sh passes the host venv's python; default: .venv/bin/python).
 # Env: BOFT_CHROMIUM  another Chromium binary to use instead of installing Debian's.
 
 setup_browser() {
-    local root py stamp
+    local root py venv stamp
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-    py="$root/.venv/bin/python"
+    py="${1:-$root/.venv/bin/python}"
+    venv="$(dirname "$(dirname "$py")")"
     if [[ -n "${BOFT_CHROMIUM:-}" ]]; then
         [[ -x "$BOFT_CHROMIUM" ]] || { echo "[setup] BOFT_CHROMIUM=$BOFT_CHROMIUM is not executable" >&2; return 1; }
     elif ! command -v chromium >/dev/null 2>&1; then
@@ -25,12 +27,12 @@ setup_browser() {
         echo "[setup] chromium present: $(command -v chromium)" >&2
     fi
     [[ -x "$py" ]] || { echo "[setup] no $py: run scripts/setup.sh first" >&2; return 1; }
-    stamp="$root/.venv/.boft-browser-$(sha256sum "$root/requirements-browser.txt" | cut -c1-16)"
+    stamp="$venv/.boft-browser-$(sha256sum "$root/requirements-browser.txt" | cut -c1-16)"
     if [[ ! -f "$stamp" ]]; then
         echo "[setup] installing requirements-browser.txt" >&2
         PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 "$py" -m pip install --disable-pip-version-check --quiet \
             -r "$root/requirements-browser.txt" >&2
-        rm -f "$root"/.venv/.boft-browser-*
+        rm -f "$venv"/.boft-browser-*
         touch "$stamp"
     else
         echo "[setup] browser requirements up to date" >&2
@@ -39,5 +41,5 @@ setup_browser() {
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
     set -euo pipefail
-    setup_browser
+    setup_browser "$@"
 fi

@@ -161,6 +161,20 @@ def test_lycoris_boft_equals_lycoris_merged_checkpoint(server, sd15, loras):
         assert_changed(got, base, f"LyCORIS s={strength}")
 
 
+def test_replacing_a_file_under_the_same_name_re_runs_the_node(server, sd15, loras):
+    """The same prompt after the file behind ``boft_name`` was replaced gives the new file's image
+    (IS_CHANGED is the file's identity on disk), not ComfyUI's cached output of the old one."""
+    name, other = "e2e_replaced.safetensors", "e2e_replacement.safetensors"
+    first = write_boft(loras / name, sd15.unet, "lora_unet", constraint=0.01, seed=5)
+    # a different rotation: the negated generators (LyCORIS's blocks are free parameters)
+    save_file({k: (-v if k.endswith("oft_blocks") else v) for k, v in first.items()}, str(loras / other))
+    before = render(server, CKPT, patch_model=boft(name, 1.0))
+    want = render(server, CKPT, patch_model=boft(other, 1.0))
+    assert_changed(want, before, "the replacement file")
+    os.replace(loras / other, loras / name)  # same name, new contents
+    assert_same(render(server, CKPT, patch_model=boft(name, 1.0)), want, "after replacing the file")
+
+
 def test_peft_boft_equals_peft_merged_checkpoint(server, sd15, loras, comfy, tmp_path, peft_factors):
     """A PEFT BOFT (2 butterfly factors, diffusers layer names, as PEFT on a diffusers UNet writes
     them) == PEFT's own merge_and_unload."""

@@ -127,7 +127,9 @@ def _taesd_state_dict(gen: torch.Generator, dtype: torch.dtype, prefix: str,
     vae.load_state_dict(sd)
     decoder = vae.taesd_decoder
     with torch.no_grad():
-        features = decoder[:-1](torch.randn(4, latent_channels, 8, 8, generator=gen))
+        features = torch.randn(4, latent_channels, 8, 8, generator=gen)
+        for layer in list(decoder)[:-1]:  # not decoder[:-1]: 0.28's Decoder can't be rebuilt by slicing
+            features = layer(features)
         out = decoder[-1](features)
     i = len(decoder) - 1
     weight, bias = sd[f"taesd_decoder.{i}.weight"], sd[f"taesd_decoder.{i}.bias"]
