@@ -67,7 +67,7 @@ MODELS = {"sdxl": SDXL, "flux": FLUX}
 class Comfy:
     """The ComfyUI modules the benchmark uses, imported from a checkout."""
 
-    def __init__(self, path: str, device: torch.device):
+    def __init__(self, path: str, device: torch.device, work_dtype: str = "auto"):
         if not os.path.isfile(os.path.join(path, "comfy", "lora.py")):
             raise SystemExit(f"no ComfyUI at {path}: pass --comfyui or set BOFT_COMFYUI_DIR")
         sys.path.insert(0, path)
@@ -89,6 +89,12 @@ class Comfy:
         self.BOFTAdapter = BOFTAdapter
         self.Ours, self.InPlace = adapter_classes(WeightAdapterBase)
         self.NodeAdapter = node_adapter_class()
+        self.mm = comfy.model_management
+        # The working copy's dtype: what patch_weight_to_device hands adapters (0.28:
+        # lora_compute_dtype, float16 on CUDA at compute capability >= 8; 0.3.75: float32).
+        compute = getattr(comfy.model_management, "lora_compute_dtype", None)
+        self.work_dtype = compute(device) if compute is not None and work_dtype == "auto" else \
+            getattr(torch, "float32" if work_dtype == "auto" else work_dtype)
         try:
             import comfyui_version
 
@@ -263,7 +269,7 @@ class Clock:
 
 def call(comfy: Comfy, adapter, weight, key):
     """What ModelPatcher.patch_weight_to_device does for one key; returns the marks and result."""
-    temp = weight.to(torch.float32, copy=True)
+    temp = weight.to(comfy.work_dtype, copy=True)
     out = comfy.lora.calculate_weight([(1.0, adapter, 1.0, None, None)], temp, key)
     return comfy.float.stochastic_rounding(out, weight.dtype, seed=0)
 
@@ -289,7 +295,7 @@ def time_layers(comfy, layers, names, runs, clock) -> dict:
             for layer in layers:
                 adapter = layer.contenders[name]
                 t0 = clock.mark()
-                temp = layer.weight.to(torch.float32, copy=True)
+                temp = layer.weight.to(comfy.work_dtype, copy=True)
                 t1 = clock.mark()
                 out = comfy.lora.calculate_weight([(1.0, adapter, 1.0, None, None)], temp,
                                                   layer.key)
@@ -310,7 +316,7 @@ def time_adapter_loop(comfy, layers, names, runs, device) -> dict:
     result = {name: [] for name in names}
     for run in range(runs):
         for name in run_order(names, run):
-            temps = [layer.weight.to(torch.float32, copy=True) for layer in layers]
+            temps = [layer.weight.to(comfy.work_dtype, copy=True) for layer in layers]
             torch.cuda.synchronize(device)
             start = time.perf_counter()
             for layer, temp in zip(layers, temps, strict=True):
@@ -323,13 +329,13 @@ def time_adapter_loop(comfy, layers, names, runs, device) -> dict:
     return result
 
 
-def time_graph(layers, runs, device) -> list[float]:
+def time_graph(comfy, layers, runs, device) -> list[float]:
     """GPU: the in-place calls for the whole set captured in one CUDA graph and replayed.
 
     A replay launches the same kernels without the host's per-call cost: the GPU-side time of
     the work, against which the back-to-back loop shows what the host adds per layer.
     """
-    temps = [layer.weight.to(torch.float32, copy=True) for layer in layers]
+    temps = [layer.weight.to(comfy.work_dtype, copy=True) for layer in layers]
 
     def work():
         for layer, temp in zip(layers, temps, strict=True):
@@ -403,8 +409,9 @@ def accuracy(comfy, layers: list[Layer], device) -> list[dict]:
         flat = w64.reshape(w64.shape[0], -1)
         ref = butterfly.apply_stages(flat, patch64.rotations, patch64.layout).view(w64.shape)
         row = {"layer": layer.name, "shape": layer.label, "change": rel(w64, ref)}
+        row["rounding"] = rel(ref.to(comfy.work_dtype), ref)  # what the working dtype allows
         for name, adapter in layer.contenders.items():
-            temp = layer.weight.to(torch.float32, copy=True)
+            temp = layer.weight.to(comfy.work_dtype, copy=True)
             out = comfy.lora.calculate_weight([(1.0, adapter, 1.0, None, None)], temp, layer.key)
             row[name] = rel(out, ref)
         rows.append(row)
@@ -488,7 +495,7 @@ def memory_gpu(comfy, layers: list[Layer], names) -> dict:
         seen.add(layer.label)
         row = {"layer_fp32_mb": layer.weight.numel() * 4 / 2**20}
         for name in names:
-            temp = layer.weight.to(torch.float32, copy=True)
+            temp = layer.weight.to(comfy.work_dtype, copy=True)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
@@ -562,6 +569,68 @@ def time_lowvram(comfy, layers, runs, device, dtype) -> dict:
                 logging.disable(logging.NOTSET)
             row[name] = {"ms": median(times), "patched": changed}
         out[layer.label] = row
+    return out
+
+
+def node_cache(comfy):
+    """The node adapter's process-wide cache of prepared layers (nodes/adapter.py CACHE)."""
+    return sys.modules[comfy.NodeAdapter.__module__].CACHE
+
+
+def cache_state(comfy, layers, device) -> dict:
+    """What the node cache holds now, against the weights of the set in their stored dtype."""
+    cache = node_cache(comfy)
+    weights = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers)
+    held = cache.held(device) if device.type == "cuda" else 0
+    return {"device_mb": held / 2**20, "host_mb": cache.held("cpu") / 2**20,
+            "device_budget_mb": cache.device_budget / 2**20, "weights_mb": weights / 2**20,
+            "device_share": held / weights, "counts": dict(cache.counts)}
+
+
+def time_dynamic(comfy, layers, runs, device) -> dict:
+    """Dynamic VRAM (ComfyUI 0.28), per layer with the host's own functions: the weight is copied in
+    from pinned host memory (what ``ops.cast_modules_with_vbar`` does for a module), then
+    ``LowVramPatch.memory_required``/``prepare`` stage the patch's tensors in a device buffer and
+    rebuild the adapter (``prefetch_prepared_value``), and ``LowVramPatch.__call__`` merges into
+    the weight in its own dtype (``intermediate_dtype=weight.dtype``), as after every eviction.
+    Whole set, ms (one sync per pass): copying the weights in alone, then copy + re-patch for
+    core and the node adapter (warm cache), and the node adapter once with its cache cleared."""
+    low = comfy.patcher.LowVramPatch
+    if not hasattr(low, "prepare"):
+        raise RuntimeError("this ComfyUI has no LowVramPatch.prepare (dynamic VRAM is 0.28's)")
+    hosts = [layer.weight.cpu().pin_memory() for layer in layers]
+    out = {"weights_mb": sum(h.numel() * h.element_size() for h in hosts) / 2**20, "dtype": str(hosts[0].dtype)}
+
+    def timed(step) -> float:
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for i in range(len(hosts)):
+            step(i)
+        torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) * 1e3
+
+    out["copy in"] = [timed(lambda i: hosts[i].to(device, non_blocking=True)) for _ in range(max(runs, 3))]
+    for name in ("core", "node"):
+        fns = [low(layer.key, {layer.key: [(1.0, layer.contenders[name], 1.0, None, None)]}) for layer in layers]
+
+        def step(i, fns=fns):
+            weight = hosts[i].to(device, non_blocking=True)
+            fn = fns[i]
+            fn.prepare(torch.empty(fn.memory_required(), dtype=torch.uint8, device=device), None,
+                       copy=True, commit=True)
+            fn(weight)
+
+        logging.disable(logging.ERROR)  # core logs (and swallows) an error per failed call
+        try:
+            weight = hosts[0].to(device)
+            patched = not torch.equal(fns[0](weight.clone()), weight)
+            if name == "node":
+                node_cache(comfy).clear()
+                out["node, cache cleared"] = timed(step)
+            out[name] = {"runs_ms": [timed(step) for _ in range(max(runs, 3))], "patched": patched}
+        finally:
+            logging.disable(logging.NOTSET)
+    out["cache"] = cache_state(comfy, layers, device)
     return out
 
 
@@ -658,7 +727,8 @@ def report(res: dict) -> str:
            f"CUDA: {res['blocks'].get('fused (in place, CUDA)')} ({res['blocks'].get('fused precision')}, "
            f"Triton {res['blocks'].get('triton')})",
            f"model: {res['model']} ({res['model_class']}), {res['layers']} layers, "
-           f"{res['elements'] / 1e9:.3f} G weights ({res['dtype']}), runs: {res['runs']}", ""]
+           f"{res['elements'] / 1e9:.3f} G weights ({res['dtype']}; working copies "
+           f"{res.get('work_dtype', 'torch.float32')}), ComfyUI {res.get('comfyui')}, runs: {res['runs']}", ""]
     for key, err in res.get("errors", {}).items():
         out.append(f"ERROR in {key}: {err}")
     if "timing" not in res:
@@ -678,7 +748,7 @@ def report(res: dict) -> str:
             + ([f"{tot['core']['adapter_ms'] / tot[n]['adapter_ms']:.1f}x",
                 f"{tot['core']['call_ms'] / tot[n]['call_ms']:.1f}x"] if "core" in tot else [])
             for n in names]
-    out += ["", "Whole set (ms; adapter = calculate_weight only; call = + float32 copy in and "
+    out += ["", "Whole set (ms; adapter = calculate_weight only; call = + working copy in and "
             "cast back):", table(["contender", "adapter", "call", "core/this adapter",
                                   "core/this call"], rows)]
     if "loop" in res:
@@ -690,10 +760,11 @@ def report(res: dict) -> str:
                 f"kernels without the host's per-call cost): median {fmt(median(res['graph']))}, "
                 f"runs {' '.join(fmt(x) for x in res['graph'])}"]
     acc = res.get("accuracy", [])
-    worst = {n: max((r[n] for r in acc), default=float("nan")) for n in names}
+    worst = {n: max((r[n] for r in acc), default=float("nan"))
+             for n in names + ["rounding"] if all(n in r for r in acc)}
     out += ["", "Relative error (Frobenius) against the float64 reference, "
             f"{len(acc)} sampled layers, worst: "
-            + ", ".join(f"{n} {worst[n]:.2e}" for n in names)
+            + ", ".join(f"{n} {worst[n]:.2e}" for n in worst)
             + f"; the merge changes a weight by {min((r['change'] for r in acc), default=0):.2e} "
             "or more"]
     if "memory" in res:
@@ -711,6 +782,27 @@ def report(res: dict) -> str:
                 for n, v in res["patcher"].items()]
         out += ["", "ModelPatcher.patch_model, full load (ms):",
                 table(["contender", "median", "runs"], rows)]
+    if "cache" in res:
+        c = res["cache"]
+        out += ["", f"Node cache after the timing: {fmt(c['device_mb'])} MB on the device "
+                f"({100 * c['device_share']:.1f}% of the set's {fmt(c['weights_mb'])} MB of weights; budget "
+                f"{fmt(c['device_budget_mb'])} MB), {fmt(c['host_mb'])} MB on the host; {c['counts']}"]
+    if "dynamic" in res:
+        d = res["dynamic"]
+        copy = median(d["copy in"])
+        rows = [["copy in only", fmt(copy), " ".join(fmt(x) for x in d["copy in"]), "1.0x"]]
+        for name in ("core", "node"):
+            v = d[name]
+            rows.append([name + ("" if v["patched"] else " (NOT patched)"), fmt(median(v["runs_ms"])),
+                         " ".join(fmt(x) for x in v["runs_ms"]), f"{median(v['runs_ms']) / copy:.2f}x"])
+        cleared = d["node, cache cleared"]
+        rows.append(["node, cache cleared first", fmt(cleared), "", f"{cleared / copy:.2f}x"])
+        c = d["cache"]
+        out += ["", f"Dynamic VRAM, whole set re-loaded from pinned host memory ({fmt(d['weights_mb'])} MB "
+                f"{d['dtype']}) with LowVramPatch.prepare + __call__ per layer (ms):",
+                table(["", "median", "runs", "/ copy in"], rows),
+                f"node cache then: {fmt(c['device_mb'])} MB on the device ({100 * c['device_share']:.1f}% of the "
+                f"weights), {fmt(c['host_mb'])} MB on the host"]
     if "lowvram" in res:
         heads = list(next(iter(res["lowvram"].values())))
         rows = [[label] + [fmt(r[h]["ms"]) + ("" if r[h]["patched"] else " (NOT patched)")
@@ -753,6 +845,10 @@ def parse_args(argv=None):
     p.add_argument("--no-core", action="store_true", help="skip core's adapter (ours only)")
     p.add_argument("--patcher", action="store_true", help="time ModelPatcher.patch_model")
     p.add_argument("--lowvram", action="store_true", help="time the per-forward LowVramPatch")
+    p.add_argument("--dynamic", action="store_true",
+                   help="GPU, ComfyUI 0.28: time dynamic VRAM's per-load re-patch against copying the weights in")
+    p.add_argument("--work-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="the working copy's dtype (auto: the host's lora_compute_dtype, else float32)")
     p.add_argument("--memory", action="store_true", help="measure peak extra memory")
     p.add_argument("--scaling", action="store_true", help="time against out_dim and layer count")
     p.add_argument("--variants", action="store_true", help="time fast.Butterfly block sizes")
@@ -796,7 +892,7 @@ def main(argv=None) -> dict:
         return {}
     torch.manual_seed(0)
     device = torch.device(args.device)
-    comfy = Comfy(args.comfyui, device)
+    comfy = Comfy(args.comfyui, device, args.work_dtype)
     names = (["core"] if not args.no_core else []) + ["node", "ours", "in place"]
     started = time.perf_counter()
     need_model = args.patcher
@@ -817,6 +913,7 @@ def main(argv=None) -> dict:
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "model": args.model, "model_class": model_class, "layers": len(layers),
         "elements": sum(layer.weight.numel() for layer in layers), "dtype": "float16",
+        "work_dtype": str(comfy.work_dtype),
         "runs": args.runs, "contenders": names,
         "blocks": {"cpu": fast.CPU_BLOCK, "gpu": fast.GPU_BLOCK, "fused (in place, CUDA)": fused.CUDA_BLOCK,
                    "fused precision": fused.PRECISION,
@@ -830,7 +927,10 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         section(res, "loop", lambda: time_adapter_loop(comfy, layers, names, args.runs, device),
                 jpath)
-        section(res, "graph", lambda: time_graph(layers, args.runs, device), jpath)
+        section(res, "graph", lambda: time_graph(comfy, layers, args.runs, device), jpath)
+    section(res, "cache", lambda: cache_state(comfy, layers, device), jpath)
+    if args.dynamic and device.type == "cuda":
+        section(res, "dynamic", lambda: time_dynamic(comfy, layers, args.runs, device), jpath)
     if args.memory and device.type == "cpu":
         big = sorted({lay.shape for lay in layers}, key=lambda s: -torch.Size(s).numel())
         section(res, "memory", lambda: memory_cpu(args, names, big[:2] + [(1280, 1280)]), jpath)

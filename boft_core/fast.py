@@ -32,6 +32,8 @@ GPU_BLOCK = 80
 # Column slice on the CPU, in elements of the (rows x slice) working buffer: a few MB of float32
 # stay in the cache between passes.
 CPU_SLICE = 1 << 18
+# Column slice on a GPU for float16/bfloat16 x (computed in float32 a slice at a time), elements.
+GPU_HALF_SLICE = 1 << 22
 
 
 def check_rotations(rotations: torch.Tensor, layout: str) -> tuple[int, int, int]:
@@ -172,13 +174,18 @@ class Butterfly:
         return rows.view([dims[a] for a in layout]).permute(perm).reshape(-1)
 
     def apply(self, x: torch.Tensor, slice_cols: int | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
+              col_scale: torch.Tensor | None = None) -> torch.Tensor:
         """``B @ x`` (``Bᵀ @ x`` if built with ``transpose``) for ``x`` (n, ...).
 
         ``out``: where to write the result; it may be ``x`` itself (each column slice is read
         before it is written), which spares a new weight-sized buffer. Default: a new tensor,
         with a transposed 2-D view's strides if ``x`` is one. ``slice_cols``: columns per pass
-        (default: all on a GPU, a cache-sized slice on the CPU).
+        (default: all on a GPU, a cache-sized slice on the CPU). ``row_scale`` (n,) /
+        ``col_scale`` (columns,): factors for the result's rows / columns of its (n, -1) view,
+        applied before it is written. An ``x`` in float16/bfloat16 with float32 blocks is
+        computed in float32 a column slice at a time and rounded once when written (then the
+        GPU's default slice is ``GPU_HALF_SLICE`` elements, not the whole width).
         """
         if x.shape[0] != self.n:
             raise ValueError(
@@ -186,26 +193,45 @@ class Butterfly:
             )
         if out is not None and out.shape != x.shape:
             raise ValueError(f"out has shape {tuple(out.shape)}, x {tuple(x.shape)}")
+        dtype = self.steps[0][2].dtype
+        upcast = x.dtype != dtype
         flat = x.reshape(self.n, -1)
         cols = flat.shape[1]
         if slice_cols is None:
-            slice_cols = max(32, CPU_SLICE // self.n) if x.device.type == "cpu" else cols
-        if out is None and slice_cols >= cols and flat.is_contiguous():  # whole width (GPU)
+            if x.device.type == "cpu":
+                slice_cols = max(32, CPU_SLICE // self.n)
+            else:
+                slice_cols = max(32, GPU_HALF_SLICE // self.n) if upcast else cols
+        scaled = row_scale is not None or col_scale is not None
+        if out is None and slice_cols >= cols and flat.is_contiguous() and not upcast:  # whole width (GPU)
             result = self._run(flat)
             if self.final is not None:
                 result = result.index_select(0, self.final)
+            if row_scale is not None:
+                result.mul_(row_scale.unsqueeze(1))
+            if col_scale is not None:
+                result.mul_(col_scale)
             return result.view(x.shape)
         dest = torch.empty_like(flat) if out is None else out.view(self.n, cols)
         grad = torch.is_grad_enabled() and (flat.requires_grad or self.steps[0][2].requires_grad)
         use_scratch = flat.device.type == "cpu" and not grad  # (out= ops do not record autograd)
-        scratch = _scratch(2 * self.n * min(slice_cols, cols), flat) if use_scratch else None
+        scratch = _scratch(2 * self.n * min(slice_cols, cols), dtype, flat.device) if use_scratch else None
         for c0 in range(0, cols, slice_cols):
-            part = self._run(flat[:, c0:c0 + slice_cols], scratch)
+            src = flat[:, c0:c0 + slice_cols]
+            part = self._run(src.to(dtype) if upcast else src, scratch)
             cut = dest[:, c0:c0 + part.shape[1]]
-            if self.final is None:
+            if self.final is None and not scaled:
                 cut.copy_(part)
-            else:
+            elif not scaled and not upcast:
                 cut.index_copy_(0, self.final_inverse, part)
+            else:
+                if self.final is not None:
+                    part = part.index_select(0, self.final)
+                if row_scale is not None:
+                    part.mul_(row_scale.unsqueeze(1))
+                if col_scale is not None:
+                    part.mul_(col_scale[c0:c0 + part.shape[1]])
+                cut.copy_(part)  # (rounds to dest's dtype once)
         return dest.view(x.shape) if out is None else out
 
     def _run(self, x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -235,16 +261,16 @@ _SCRATCH = threading.local()
 _SCRATCH_KEEP = 1 << 23  # elements; a larger scratch (unusual slice widths) is not kept
 
 
-def _scratch(size: int, like: torch.Tensor) -> torch.Tensor:
+def _scratch(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A per-thread CPU buffer of at least ``size`` elements, reused across calls: the column
     slices' passes then allocate nothing (fresh slice-sized buffers per pass cost page faults
     whenever the allocator has handed memory back to the system)."""
     if size > _SCRATCH_KEEP:
-        return torch.empty(size, dtype=like.dtype, device=like.device)
+        return torch.empty(size, dtype=dtype, device=device)
     buf = getattr(_SCRATCH, "buf", None)
-    if (buf is None or buf.numel() < size or buf.dtype != like.dtype or buf.device != like.device
+    if (buf is None or buf.numel() < size or buf.dtype != dtype or buf.device != device
             or buf.is_inference() != torch.is_inference_mode_enabled()):  # (ComfyUI runs in inference mode)
-        buf = _SCRATCH.buf = torch.empty(size, dtype=like.dtype, device=like.device)
+        buf = _SCRATCH.buf = torch.empty(size, dtype=dtype, device=device)
     return buf
 
 

@@ -15,8 +15,10 @@ Formats (``../shared/docs/boft-formats.md``):
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +27,14 @@ from .butterfly import CONCATENATED, INTERLEAVED, check_butterfly_shape
 
 FORMATS = ("lycoris-boft", "lycoris-diag-oft", "peft-boft", "kohya-boft")
 PEFT_PREFIX = "base_model.model."
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100_000_000  # bytes of a safetensors JSON header: safetensors' own limit (and ours for any JSON)
+MAX_JSON_DEPTH = 64  # nesting; a safetensors header is 3 deep, PEFT configs and ss_tag_frequency a few more
+MAX_INT_DIGITS = 32  # an offset, a shape or a tag count never needs more (uint64 has 20)
+# safetensors dtype names and their bits per element (safetensors' Dtype enum)
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 8,
+              "F8_E5M2FNUZ": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+              "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+              "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
 
 class BoftError(ValueError):
@@ -43,6 +52,9 @@ class BoftLayer:
     scale: torch.Tensor | None = None  # (out,): LyCORIS rescale or PEFT/kohya boft_s
     bias: torch.Tensor | None = None  # PEFT bias trained with bias="boft_only"/"all"
     keys: tuple[str, ...] = ()  # the file's keys this layer consumed
+    # A key for this layer's data (blocks, scale, alpha, kind), for boft_core.cache: new for every
+    # layer read. dataclasses.replace copies it: a copy with other data needs a new one.
+    token: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False, repr=False)
 
     @property
     def side(self) -> str:
@@ -98,13 +110,17 @@ class BoftFile:
 
 
 def trigger_words(metadata: dict[str, str]) -> list[tuple[str, int]]:
-    """Tags from kohya's ``ss_tag_frequency`` summed over datasets, most frequent first."""
+    """Tags from kohya's ``ss_tag_frequency`` summed over datasets, most frequent first.
+
+    Informational: a malformed ``ss_tag_frequency`` (not JSON, too deep, non-finite or huge
+    numbers) gives no tags rather than failing the file; counts that are not numbers are skipped.
+    """
     raw = metadata.get("ss_tag_frequency")
     if not raw:
         return []
     try:
-        datasets = json.loads(raw)
-    except json.JSONDecodeError:
+        datasets = parse_json(raw, "ss_tag_frequency")
+    except BoftError:
         return []
     counts: dict[str, int] = {}
     if not isinstance(datasets, dict):
@@ -113,10 +129,78 @@ def trigger_words(metadata: dict[str, str]) -> list[tuple[str, int]]:
         if not isinstance(tags, dict):
             continue
         for tag, count in tags.items():
-            tag = str(tag).strip()
-            if tag and isinstance(count, (int, float)):
+            tag = tag.strip()
+            if tag and isinstance(count, (int, float)) and not isinstance(count, bool):
                 counts[tag] = counts.get(tag, 0) + int(count)
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+# --- untrusted JSON ----------------------------------------------------------------------------
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
+
+
+def parse_json(raw: str | bytes, where: str):
+    """JSON from a file, guarded: the one parser for every untrusted JSON text the pack reads.
+
+    ``raw``: text, or bytes that must be UTF-8. Refused with a BoftError that starts with
+    ``where`` (the file and the key): invalid JSON or UTF-8, nesting deeper than
+    ``MAX_JSON_DEPTH``, integers of more than ``MAX_INT_DIGITS`` digits, numbers that are not
+    finite (``NaN``, ``Infinity``, ``1e999``), and strings that are not valid Unicode (lone
+    surrogates, which safetensors refuses too). Never raises anything else.
+    """
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw
+        value = json.loads(text, parse_int=_parse_int, parse_float=_parse_float,
+                           parse_constant=_refuse_constant)
+    except RecursionError:
+        raise BoftError(f"{where}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels).") from None
+    except UnicodeError as e:
+        raise BoftError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}).") from None
+    except ValueError as e:  # JSONDecodeError, and what the hooks above raise
+        raise BoftError(f"{where}: invalid JSON: {e}.") from None
+    _check_json_tree(value, where)
+    return value
+
+
+def _check_json_tree(value, where: str) -> None:
+    """Depth and string checks over a parsed JSON value, without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            _check_text(item, where)
+        elif isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise BoftError(f"{where}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels).")
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    _check_text(key, where)
+                    stack.append((child, depth + 1))
+            else:
+                stack.extend((child, depth + 1) for child in item)
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BoftError(f"{where}: a string with an unpaired UTF-16 surrogate ({text[:40]!r}).") from None
 
 
 # --- files -------------------------------------------------------------------------------------
@@ -142,41 +226,113 @@ def resolve_path(path: str) -> tuple[str, str | None]:
 def read_header(path: str) -> tuple[dict, dict[str, str]]:
     """The safetensors header (tensor entries) and its ``__metadata__``, checked against the file size.
 
-    Reads only the header, so it is cheap enough for file pickers and upload checks.
+    Reads only the header, so it is cheap enough for file pickers and upload checks. Checked as
+    :func:`parse_header` says.
     """
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise BoftError(f"{path}: not a safetensors file (only {size} bytes).")
-        (n,) = struct.unpack("<Q", head)
-        if n < 2 or n > MAX_HEADER or 8 + n > size:
-            hint = " (a pickled .ckpt/.pt/.bin file?)" if head[:2] in (b"PK", b"\x80\x02") else ""
-            raise BoftError(
-                f"{path}: not a readable safetensors file{hint}: header length {n} does not fit "
-                f"the file size {size}. Only .safetensors BOFT files are supported; the file may "
-                "also be truncated."
-            )
-        raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BoftError(f"{path}: corrupt safetensors header ({e}).") from None
-    if not isinstance(header, dict):
-        raise BoftError(f"{path}: corrupt safetensors header (not a JSON object).")
-    metadata = header.pop("__metadata__", None) or {}
-    end = 0
-    for key, entry in header.items():
-        try:
-            start, stop = entry["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise BoftError(f"{path}: corrupt safetensors header entry for key {key!r}.") from None
-        end = max(end, stop)
-    if 8 + n + end > size:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) == 8 and 2 <= struct.unpack("<Q", head)[0] <= MAX_HEADER:
+                head += f.read(struct.unpack("<Q", head)[0])
+    except OSError as e:
+        raise BoftError(f"{path}: cannot read: {e.strerror or e}.") from None
+    return parse_header(head, size, path)
+
+
+def parse_header(head: bytes, size: int, where: str) -> tuple[dict, dict[str, str]]:
+    """The tensor entries and ``__metadata__`` of a safetensors file, from its first bytes.
+
+    ``head``: the file's first ``8 + N`` bytes (N, the header length, is the first 8 bytes,
+    little endian; more is ignored), ``size``: the whole file's size, ``where``: the name errors
+    start with. Checked as safetensors checks before reading any tensor, so a file that passes
+    here is one safetensors reads: ``2 <= N <= MAX_HEADER``; a UTF-8 JSON object (parsed by
+    :func:`parse_json`); ``__metadata__`` absent, null or an object of strings; every other entry
+    an object with ``dtype`` one of ``DTYPE_BITS``, ``shape`` a list of non-negative integers and
+    ``data_offsets`` two integers ``[begin, end]``; the entries' byte ranges, in order, tile the
+    data after the header exactly, each as long as its dtype and shape say.
+    """
+    if len(head) < 8 or size < 8:
+        raise BoftError(f"{where}: not a safetensors file (only {size} bytes).")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n < 2 or n > MAX_HEADER or 8 + n > size:
+        hint = " (a pickled .ckpt/.pt/.bin file?)" if head[:2] in (b"PK", b"\x80\x02") else ""
         raise BoftError(
-            f"{path}: truncated: the header promises {8 + n + end} bytes, the file has {size}."
+            f"{where}: not a readable safetensors file{hint}: header length {n} does not fit "
+            f"the file size {size} (at most {MAX_HEADER:,} bytes). Only .safetensors BOFT files "
+            "are supported; the file may also be truncated."
         )
-    return header, {str(k): str(v) for k, v in metadata.items()}
+    if len(head) < 8 + n:
+        raise BoftError(f"{where}: only {len(head) - 8} bytes of its {n}-byte header.")
+    raw = head[8:8 + n]
+    if not raw.startswith(b"{"):
+        raise BoftError(f"{where}: corrupt safetensors header (does not start with '{{').")
+    header = parse_json(raw, f"{where}: safetensors header")
+    if not isinstance(header, dict):
+        raise BoftError(f"{where}: corrupt safetensors header (not a JSON object).")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        bad = "not an object" if not isinstance(metadata, dict) else "an object whose values are not all strings"
+        raise BoftError(f"{where}: corrupt safetensors header: __metadata__ is {bad}.")
+    spans = []
+    for key, entry in header.items():
+        spans.append((*_tensor_span(where, key, entry), key))
+    data = size - 8 - n
+    end = 0
+    for begin, stop, key in sorted(spans):
+        if begin != end:
+            raise BoftError(f"{where}: corrupt safetensors header: the data of {key!r} starts at "
+                            f"byte {begin}, expected {end} (tensors must tile the data in order).")
+        end = stop
+    if end != data:
+        if end > data:
+            raise BoftError(f"{where}: truncated: the header promises {8 + n + end} bytes, the file has {size}.")
+        raise BoftError(f"{where}: corrupt safetensors file: {data - end} bytes after the last tensor's data.")
+    return header, metadata
+
+
+def _tensor_span(where: str, key: str, entry) -> tuple[int, int]:
+    """(begin, end) of one header entry's bytes; BoftError naming the key unless well formed."""
+    def bad(why: str):
+        return BoftError(f"{where}: corrupt safetensors header entry for key {key!r}: {why}.")
+
+    if not isinstance(entry, dict):
+        raise bad("not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise bad(f"unknown dtype {str(dtype)[:40]!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise bad(f"shape {str(shape)[:60]} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"data_offsets {str(offsets)[:60]} are not two integers 0 <= begin <= end")
+    bits = math.prod(shape) * DTYPE_BITS[dtype]
+    if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
+        raise bad(f"{offsets[1] - offsets[0]} bytes for a {dtype} tensor of shape {shape}")
+    return offsets[0], offsets[1]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_config(path: str) -> dict:
+    """A PEFT ``adapter_config.json``: a JSON object (parsed by :func:`parse_json`), else BoftError."""
+    try:
+        if os.path.getsize(path) > MAX_HEADER:
+            raise BoftError(f"{path}: larger than {MAX_HEADER:,} bytes; not a PEFT adapter config.")
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise BoftError(f"{path}: cannot read the PEFT config: {e.strerror or e}.") from None
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, as some editors write
+        raw = raw[3:]
+    config = parse_json(raw, f"{path} (the PEFT config)")
+    if not isinstance(config, dict):
+        raise BoftError(f"{path} (the PEFT config): a JSON {type(config).__name__}, expected an object.")
+    return config
 
 
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -198,13 +354,7 @@ def load(path: str) -> BoftFile:
             "code when loaded); convert it to safetensors first."
         )
     header, metadata = read_header(path)
-    config = None
-    if config_path is not None:
-        try:
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise BoftError(f"{config_path}: cannot read the PEFT config: {e}") from None
+    config = read_config(config_path) if config_path is not None else None
     fmt = detect_format(path, list(header), metadata, config)
     tensors = load_tensors(path)
     layers = PARSERS[fmt](path, tensors)

@@ -10,7 +10,8 @@ Modes (``s`` = strength):
   inverse rotation); the scale is ``1 + s*(scale - 1)``; ``s = 0`` gives ``W`` exactly.
 
 All modes agree at ``s = 1``. Computation runs in float32 (float64 for float64 weights) and the
-result has the weight's own dtype.
+result has the weight's own dtype; float16/bfloat16 weights merged in place (:func:`apply_`) are
+computed in float32 a column slice (or a kernel tile) at a time and rounded once.
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ class Patch:
         return self.kept(transpose, lambda: Butterfly(self.rotations, self.layout, transpose))
 
     def fused(self) -> fused.FusedButterfly:
-        """``B`` as an in-place plan (rows never move; Triton kernels on a GPU), kept likewise."""
-        return self.kept("fused", lambda: fused.FusedButterfly(self.rotations, self.layout))
+        """``scale * B`` as an in-place plan (rows never move; Triton kernels on a GPU; the scale
+        folded into its last blocks), kept likewise. Output-side patches only."""
+        return self.kept("fused", lambda: fused.FusedButterfly(self.rotations, self.layout, scale=self.scale))
 
 
 def prepare(layer: BoftLayer, strength: float = 1.0, mode: str = "lycoris",
@@ -102,14 +104,19 @@ def prepare_many(layers: list[BoftLayer], strength: float = 1.0, mode: str = "ly
         stacked = replace(first, blocks=blocks, scale=None, bias=None)
         rotations, blend = _rotations(generators(stacked, dtype, parts=len(members)), strength, mode)
         nb = first.blocks.shape[1]
-        plans = None
+        mine = [_patch(layers[i], rotations[:, j * nb:(j + 1) * nb], blend, strength, mode, dtype)
+                for j, i in enumerate(members)]
         if (len(members) > 1 and rotations.is_cuda and fused.available() and first.side == "out"
-                and rotations.dtype == torch.float32):
-            plans = fused.FusedButterfly(rotations, first.layout).split(len(members))
-        for j, i in enumerate(members):
-            patch = _patch(layers[i], rotations[:, j * nb:(j + 1) * nb], blend, strength, mode, dtype)
-            if plans is not None:
-                patch._plans["fused"] = plans[j]
+                and rotations.dtype == torch.float32 and blend is None):
+            n = nb * first.blocks.shape[2]
+            scale = None
+            if any(p.scale is not None for p in mine):
+                scale = torch.cat([torch.ones(n, dtype=dtype, device=rotations.device) if p.scale is None else p.scale
+                                   for p in mine])
+            plans = fused.FusedButterfly(rotations, first.layout, scale=scale).split(len(members))
+            for patch, plan in zip(mine, plans, strict=True):
+                patch._plans["fused"] = plan
+        for i, patch in zip(members, mine, strict=True):
             patches[i] = patch
     return patches
 
@@ -174,28 +181,40 @@ def apply(patch: Patch, weight: torch.Tensor) -> torch.Tensor:
     return new.reshape(weight.shape).to(weight.dtype)
 
 
-def apply_(patch: Patch, weight: torch.Tensor) -> bool:
-    """``W'`` written into ``weight`` itself when it can be: a float32/float64 weight of the
-    patch's dtype that is a view of its own rows (ComfyUI's float32 working copy, or a row slice of
-    it), and a mode without a blend. Returns False, leaving ``weight`` untouched, when it cannot;
-    then use :func:`apply`. Needs no weight-sized buffer on the CPU.
+def apply_(patch: Patch, weight: torch.Tensor, plan: fused.FusedButterfly | None = None) -> bool:
+    """``W'`` written into ``weight`` itself when it can be: a weight that is a view of its own
+    rows (ComfyUI's working copy, or a row slice of it) in the patch's dtype, or float16/bfloat16
+    with a float32 patch (computed in float32, rounded once), and a mode without a blend.
+    Returns False, leaving ``weight`` untouched, when it cannot; then use :func:`apply`. Needs
+    no weight-sized buffer. ``plan``: the patch's in-place plan (:meth:`Patch.fused`, scale
+    folded) already on ``weight``'s device, e.g. from a cache; the patch's tensors may then live
+    elsewhere.
     """
-    if patch.blend is not None or weight.dtype != patch.rotations.dtype or weight.ndim < 2:
-        return False
-    if weight.device != patch.rotations.device:
+    if patch.blend is not None or weight.ndim < 2 or not _computes(weight.dtype, patch.rotations.dtype):
         return False
     flat = weight.view(weight.shape[0], -1) if _viewable(weight) else None
     if flat is None:
         return False
     _check(patch, flat.shape[0], flat.shape[1], weight.shape)
     rows = flat if patch.side == "out" else flat.t()  # the butterfly mixes these rows
-    if fused.usable(rows):
-        patch.fused().apply_triton_(rows)  # GPU: one kernel per run, nothing allocated
-    else:
-        patch.butterfly().apply(rows, out=rows)
-    if patch.scale is not None:
-        flat.mul_(patch.scale.unsqueeze(1))
+    if patch.side == "out" and fused.usable(rows):
+        if plan is None and weight.device == patch.rotations.device:
+            plan = patch.fused()
+        if plan is not None and plan.storage.device == weight.device:
+            plan.apply_triton_(rows)  # GPU: one kernel per run, scale folded in, no weight-sized buffer
+            return True
+    if weight.device != patch.rotations.device:
+        return False
+    scale = patch.scale
+    patch.butterfly().apply(rows, out=rows, row_scale=scale if patch.side == "out" else None,
+                            col_scale=scale if patch.side == "in" else None)
     return True
+
+
+def _computes(weight_dtype, patch_dtype) -> bool:
+    """Whether a patch in ``patch_dtype`` merges in place into a weight of ``weight_dtype``."""
+    return weight_dtype == patch_dtype or (
+        weight_dtype in (torch.float16, torch.bfloat16) and patch_dtype == torch.float32)
 
 
 def _viewable(weight: torch.Tensor) -> bool:

@@ -5,16 +5,25 @@ from __future__ import annotations
 import torch
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from ..boft_core import BoftError, BoftLayer, apply, apply_, check_weight, prepare
+from ..boft_core import BoftError, BoftLayer, apply, apply_, check_weight
+from ..boft_core.cache import PatchCache
 from ..boft_core.formats import PEFT_PREFIX, boft_r_layer, lycoris_layer
-from ..boft_core.merge import prepare_many
+
+# Every adapter of this process shares one cache of prepared layers, keyed by the token in its
+# weights: ComfyUI 0.28 rebuilds adapters (staging, dynamic VRAM) and a per-adapter cache would
+# start empty each time. Its budgets are the loader's to set (prepare_all).
+CACHE = PatchCache()
 
 
 class BOFTAdapter(WeightAdapterBase):
     """Exact BOFT merge for one layer.
 
-    ``weights = (blocks, scale, alpha, kind, mode, name)``: every tensor lives in ``weights`` so
-    that hosts which rebuild adapters as ``type(v)(v.loaded_keys, weights)`` keep working.
+    ``weights = (blocks, scale, alpha, kind, mode, name, token)``: every tensor lives in
+    ``weights`` so that hosts which rebuild adapters as ``type(v)(v.loaded_keys, weights)``
+    keep working (their tensors may then be staging copies on the GPU, or cast to the module's
+    dtype by bypass's ``inject``); alpha is a Python float and the token (``BoftLayer.token``)
+    a string, which they keep as they are. The token finds the layer's prepared rotation in
+    :data:`CACHE` whatever adapter object asks.
     """
 
     name = "boft_exact"
@@ -22,13 +31,12 @@ class BOFTAdapter(WeightAdapterBase):
     def __init__(self, loaded_keys, weights):
         self.loaded_keys = loaded_keys
         self.weights = weights
-        self._patches = {}  # (strength, device, dtype) -> boft_core Patch: one rotation per strength
         self._fits = set()  # weight shapes already checked (the low-VRAM path calls us per forward)
 
     @classmethod
     def from_layer(cls, layer: BoftLayer, mode: str) -> BOFTAdapter:
-        alpha = torch.tensor(layer.alpha, dtype=torch.float64)
-        return cls(set(layer.keys), (layer.blocks, layer.scale, alpha, layer.kind, mode, layer.name))
+        return cls(set(layer.keys), (layer.blocks, layer.scale, float(layer.alpha), layer.kind, mode,
+                                     layer.name, layer.token))
 
     @classmethod
     def load(cls, x, lora, alpha, dora_scale, loaded_keys=None):
@@ -50,36 +58,34 @@ class BOFTAdapter(WeightAdapterBase):
         adapter.loaded_keys = loaded_keys
         return adapter
 
+    @property
+    def _patches(self) -> dict:
+        """This layer's prepared patches in :data:`CACHE` by (strength, mode, dtype)."""
+        return CACHE.entries(self.weights[6])
+
     def layer(self) -> BoftLayer:
-        blocks, scale, alpha, kind, _, name = self.weights
-        return BoftLayer(name=name, kind=kind, blocks=blocks, alpha=float(alpha), scale=scale)
+        blocks, scale, alpha, kind, _, name, token = self.weights
+        return BoftLayer(name=name, kind=kind, blocks=blocks, alpha=float(alpha), scale=scale, token=token)
 
     def patch_for(self, strength: float, device, dtype):
-        """The prepared rotation for this strength, computed once per (strength, device, dtype)."""
-        cache_key = (float(strength), str(device), dtype)  # a tensor's device: always indexed
-        patch = self._patches.get(cache_key)
-        if patch is None:
-            layer = self.layer()
-            layer.blocks = layer.blocks.to(device)
-            layer.scale = None if layer.scale is None else layer.scale.to(device)
-            patch = prepare(layer, strength, self.weights[4], dtype=dtype)
-            self._patches[cache_key] = patch
-        return patch
+        """The prepared rotation for this strength on ``device`` (from :data:`CACHE`)."""
+        return CACHE.patch(self.weights[6], self.layer, strength, self.weights[4], dtype, device)
 
     @staticmethod
-    def prepare_all(adapters: list[BOFTAdapter], strength: float, device, dtype=torch.float32) -> None:
-        """Fill the adapters' caches for (strength, device, dtype) in one batched pass: equal-shaped
-        layers share one Cayley solve and plan build (on a GPU, instead of dozens of small kernels
-        per layer at patch time). The loader nodes call it for the model's load device."""
-        cache_key = (float(strength), _device_key(device), dtype)
+    def prepare_all(adapters: list[BOFTAdapter], strength: float, device, dtype=torch.float32,
+                    budget: int | None = None) -> None:
+        """Prepare every adapter's layer for (strength, dtype) in one batched pass on ``device``:
+        equal-shaped layers share one Cayley solve and plan build (on a GPU, instead of dozens of
+        small kernels per layer at patch time). ``budget``: bytes of ``device`` memory the cache
+        may keep (the loader passes 5% of the model's weights). The loader nodes call it for a
+        CUDA load device."""
+        if budget is not None:
+            CACHE.device_budget = int(budget)
         by_mode: dict[str, list[BOFTAdapter]] = {}
         for adapter in adapters:
-            if cache_key not in adapter._patches:
-                by_mode.setdefault(adapter.weights[4], []).append(adapter)
+            by_mode.setdefault(adapter.weights[4], []).append(adapter)
         for mode, todo in by_mode.items():
-            patches = prepare_many([a.layer() for a in todo], strength, mode, dtype=dtype, device=device)
-            for adapter, patch in zip(todo, patches, strict=True):
-                adapter._patches[cache_key] = patch
+            CACHE.prepare_many([(a.weights[6], a.layer) for a in todo], strength, mode, dtype, device)
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
@@ -89,23 +95,21 @@ class BOFTAdapter(WeightAdapterBase):
             except BoftError as e:
                 raise BoftError(f"{key}: {e}") from None
             self._fits.add(weight.shape)
-        dtype = torch.promote_types(intermediate_dtype, torch.float32)
-        patch = self.patch_for(strength, weight.device, dtype)
+        dtype = torch.promote_types(intermediate_dtype, torch.float32)  # fp16/bf16 copies: float32
+        token, mode = self.weights[6], self.weights[4]
         # In place: for offset patches ComfyUI keeps the narrowed view's base, not our return value.
-        if is_identity(function) and apply_(patch, weight):
-            return weight  # merged straight into ComfyUI's float32 copy: no weight-sized buffer
+        if is_identity(function):
+            plan = CACHE.plan(token, self.layer, strength, mode, dtype, weight.device) if weight.is_cuda else None
+            if plan is not None and apply_(CACHE.patch(token, self.layer, strength, mode, dtype, "cpu"), weight, plan):
+                return weight  # the CUDA kernel, in ComfyUI's working copy (any float dtype)
+            patch = self.patch_for(strength, weight.device, dtype)
+            if apply_(patch, weight):
+                return weight  # merged straight into ComfyUI's working copy: no weight-sized buffer
+        else:
+            patch = self.patch_for(strength, weight.device, dtype)
         new = apply(patch, weight)
         weight += function(new.sub_(weight))  # new - weight computed into new itself
         return weight
-
-
-def _device_key(device) -> str:
-    """``cuda`` as the tensors it makes report it (``cuda:0``, the current device), so that
-    prepare_all's entries are the ones patch_for looks up."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return str(device)
 
 
 _IDENTITY = (lambda a: a).__code__

@@ -248,7 +248,8 @@ def test_apply_in_place_refuses_what_it_cannot_do():
     linear = merge.prepare(layer, 0.5, "linear")  # a blend needs the old weight
     assert merge.apply_(linear, weight) is False
     patch = merge.prepare(layer, 1.0)
-    assert merge.apply_(patch, weight.half()) is False  # other dtype: apply() casts
+    assert merge.apply_(patch, weight.double()) is False  # a wider dtype than the patch: apply() casts
+    assert merge.apply_(merge.prepare(layer, 1.0, dtype=torch.float64), weight.half()) is False
     assert merge.apply_(patch, weight.t().contiguous().t()) is False  # rows not viewable
     assert torch.equal(weight, keep)
     with pytest.raises(merge.BoftError, match="32 rows"):
@@ -340,3 +341,61 @@ def test_fused_split_equals_separate_plans():
             assert torch.allclose(piece.apply(x), want, atol=1e-12)
     with pytest.raises(ValueError, match="equal parts"):
         fused.FusedButterfly(rotations(2, 4, 10, torch.float64, gen), LAYOUTS[0]).split(3)
+
+
+def within_one_ulp(got: torch.Tensor, want64: torch.Tensor) -> bool:
+    """|got - exact| <= one ulp of got's dtype at the exact value (+ float32 arithmetic: 1e-6 of
+    the largest value), and no worse than rounding the exact result (tests/test_host_paths.py)."""
+    rounded = want64.to(got.dtype)
+    mag = rounded.abs()
+    ulp = (torch.nextafter(mag, torch.full_like(mag, float("inf"))) - mag).double()
+    err = (got.double() - want64).abs()
+    slack = 1e-6 * want64.abs().max()
+    return bool((err <= ulp + slack).all() and err.max() <= (rounded.double() - want64).abs().max() + slack)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_half_x_in_float32_slices(layout, transpose, dtype):
+    """fast.Butterfly with float32 blocks on a float16/bfloat16 x: computed in float32 a column
+    slice at a time and rounded once (into x itself, or a new tensor), with row/column scales;
+    float64 dense reference."""
+    gen = torch.Generator().manual_seed(seed("half", layout, transpose, str(dtype)))
+    m, nb, b = 5, 16, 10
+    rot = rotations(m, nb, b, torch.float64, gen)
+    x = torch.randn(nb * b, 70, generator=gen).to(dtype)
+    rs = 1 + 0.1 * torch.randn(nb * b, generator=gen, dtype=torch.float64)
+    cs = 1 + 0.1 * torch.randn(70, generator=gen, dtype=torch.float64)
+    mat = dense(rot, layout)
+    want = (mat.t() if transpose else mat) @ x.double()
+    plan = fast.Butterfly(rot.float(), layout, transpose)
+    for slice_cols in (None, 1, 32, 1000):
+        got = plan.apply(x, slice_cols=slice_cols)
+        assert got.dtype == dtype and within_one_ulp(got, want)
+        y = x.clone()
+        assert plan.apply(y, slice_cols=slice_cols, out=y, row_scale=rs.float(), col_scale=cs.float()) is y
+        assert within_one_ulp(y, rs.unsqueeze(1) * want * cs)
+
+
+@pytest.mark.parametrize("kind", ["lycoris-boft", "peft-boft"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_apply_in_place_half(kind, dtype):
+    """merge.apply_ on a float16/bfloat16 weight with a float32 patch (ComfyUI 0.28's working
+    copies): in place, within one ulp of the float64 merge, a row slice leaves the rest alone."""
+    gen = torch.Generator().manual_seed(seed("apply_ half", kind, str(dtype)))
+    m, nb, b = 4, 16, 10
+    n = nb * b
+    shape = (n, 6, 3, 3) if kind.startswith("lycoris") else (24, n)
+    layer = BoftLayer("x", kind, torch.randn(m, nb, b, b, generator=gen) * 0.1,
+                      scale=1 + 0.1 * torch.randn(shape[0], generator=gen))
+    patch = merge.prepare(layer, 0.8, "lycoris")
+    weight = torch.randn(shape, generator=gen).to(dtype)
+    want = merge.apply(merge.prepare(layer, 0.8, "lycoris", dtype=torch.float64), weight.double())
+    big = torch.randn((3 * shape[0],) + shape[1:], generator=gen).to(dtype)
+    before = big.clone()
+    rows = slice(shape[0], 2 * shape[0])
+    big[rows] = weight
+    assert merge.apply_(patch, big[rows]) is True
+    assert within_one_ulp(big[rows], want)
+    assert torch.equal(big[:shape[0]], before[:shape[0]]) and torch.equal(big[2 * shape[0]:], before[2 * shape[0]:])

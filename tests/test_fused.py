@@ -71,9 +71,9 @@ def test_plan_definition_by_hand():
         plan = fused.FusedButterfly(rot, butterfly.INTERLEAVED, transpose, max_block=12)
         assert len(plan.runs) > 1
         y = x.clone()
-        for run in plan.runs:
+        for j, run in enumerate(plan.runs):
             for k in range(run.idx.shape[0]):
-                y[run.idx[k]] = run.blocks[k] @ y[run.idx[k]]
+                y[run.idx[k]] = plan.blocks(j)[k] @ y[run.idx[k]]
         assert torch.allclose(y, butterfly.apply_stages(x, rot, butterfly.INTERLEAVED, transpose), atol=1e-12)
 
 
@@ -192,3 +192,114 @@ def test_prepare_many_on_cuda_shares_one_plan_build():
         target = weight.float().cuda()
         assert merge.apply_(patch, target)
         assert ((target.double().cpu() - want).norm() / want.norm()).item() < 1e-5
+
+
+def within_one_ulp(got: torch.Tensor, want64: torch.Tensor) -> bool:
+    """|got - exact| <= one ulp of got's dtype at the exact value (+ float32 arithmetic: 1e-6 of
+    the largest value), and no worse than rounding the exact result (tests/test_host_paths.py)."""
+    rounded = want64.to(got.dtype)
+    mag = rounded.abs()
+    ulp = (torch.nextafter(mag, torch.full_like(mag, float("inf"))) - mag).double()
+    err = (got.double() - want64).abs()
+    slack = 1e-6 * want64.abs().max()
+    return bool((err <= ulp + slack).all() and err.max() <= (rounded.double() - want64).abs().max() + slack)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_scale_folded_into_the_last_run_and_with_storage(layout):
+    """FusedButterfly(scale=s) computes s * (B x) (float64, every run length); with_storage runs the
+    same geometry over another layer's blocks; split pieces with a stacked scale are each part's."""
+    gen = torch.Generator().manual_seed(seed("scale", layout))
+    rot = rotations(5, 16, 10, gen)
+    s = 1 + 0.1 * torch.randn(160, generator=gen, dtype=torch.float64)
+    x = torch.randn(160, 7, generator=gen, dtype=torch.float64)
+    for transpose in (False, True):
+        want = s.unsqueeze(1) * butterfly.apply_stages(x, rot, layout, transpose)
+        for max_block in (None, 1, 10_000):
+            plan = fused.FusedButterfly(rot, layout, transpose, max_block=max_block, scale=s)
+            assert torch.allclose(plan.apply(x), want, atol=1e-12)
+    other = rotations(5, 16, 10, gen)
+    plan = fused.FusedButterfly(rot, layout)
+    swapped = plan.with_storage(fused.FusedButterfly(other, layout).storage)
+    assert torch.allclose(swapped.apply(x), butterfly.apply_stages(x, other, layout), atol=1e-12)
+    assert torch.allclose(plan.apply(x), butterfly.apply_stages(x, rot, layout), atol=1e-12)
+    parts = [rotations(5, 16, 10, gen) for _ in range(3)]
+    scales = [1 + 0.1 * torch.randn(160, generator=gen, dtype=torch.float64) for _ in range(3)]
+    pieces = fused.FusedButterfly(torch.cat(parts, dim=1), layout, scale=torch.cat(scales)).split(3)
+    for r, sc, piece in zip(parts, scales, pieces, strict=True):
+        assert torch.allclose(piece.apply(x), sc.unsqueeze(1) * butterfly.apply_stages(x, r, layout), atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_path_half_in_float32_slices(dtype):
+    """The torch path on a float16/bfloat16 x with a float32 plan: float32 a slice at a time,
+    rounded once (within one ulp of the float64 result)."""
+    gen = torch.Generator().manual_seed(seed("torch half", str(dtype)))
+    rot = rotations(8, 128, 10, gen)
+    s = 1 + 0.1 * torch.randn(1280, generator=gen, dtype=torch.float64)
+    x = torch.randn(1280, 45, generator=gen).to(dtype)
+    want = s.unsqueeze(1) * butterfly.apply_stages(x.double(), rot, butterfly.INTERLEAVED)
+    plan = fused.FusedButterfly(rot.float(), butterfly.INTERLEAVED, scale=s.float())
+    for slice_cols in (None, 1, 16):
+        y = x.clone()
+        assert plan.apply_torch_(y, slice_cols=slice_cols) is y and within_one_ulp(y, want)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_triton_half_in_place(layout, dtype):
+    """The kernel on float16/bfloat16 x (ComfyUI 0.28's working copies on a GPU): one run in place
+    (load half, float32 product, store half), several runs through a float32 scratch a column
+    slice at a time (slices of 64 columns and a wider last one here, and the whole width); within
+    one ulp of the float64 result, the scale folded in."""
+    gen = torch.Generator().manual_seed(seed("triton half", layout, str(dtype)))
+    for m, nb, b in [(3, 8, 10), (8, 128, 10), (11, 1024, 10)]:
+        rot = rotations(m, nb, b, gen, torch.float32).cuda()
+        s = (1 + 0.1 * torch.randn(nb * b, generator=gen)).cuda()
+        plan = fused.FusedButterfly(rot, layout, scale=s)
+        for cols in (2, 77, 300):
+            x = torch.randn(nb * b, cols, generator=gen).to(dtype).cuda()
+            want = s.double().unsqueeze(1) * butterfly.apply_stages(x.double(), rot.double(), layout)
+            for scratch in (None, nb * b * 64):
+                for i in range(2):  # the JIT launch, then the direct one
+                    y = x.clone()
+                    assert plan.apply_triton_(y, scratch_elems=scratch) is y
+                    assert within_one_ulp(y.cpu(), want.cpu()), (m, cols, scratch, i)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cache_on_cuda_plans_budget_and_merge(dtype):
+    """boft_core.cache on a GPU: prepare_many keeps kernel plans on the device within the budget
+    (the rest on the host, pinned), plan() copies a missing one in and evicts the least recently
+    used; every merge (weights in ``dtype``) matches float64."""
+    from boft_core import merge
+    from boft_core.cache import PatchCache
+    from boft_core.formats import BoftLayer
+
+    gen = torch.Generator().manual_seed(seed("cache cuda", str(dtype)))
+    layers = [BoftLayer(f"l{i}", "lycoris-boft", torch.randn(8, 128, 10, 10, generator=gen) * 0.1,
+                        scale=1 + 0.1 * torch.randn(1280, generator=gen)) for i in range(5)]
+    probe = fused.FusedButterfly(torch.eye(10).expand(8, 128, 10, 10).cuda(), butterfly.INTERLEAVED)
+    one = probe.storage.numel() * 4
+    cache = PatchCache(device_budget=int(2.5 * one))
+    assert cache.prepare_many([(lay.token, lambda lay=lay: lay) for lay in layers], 0.8, "lycoris",
+                              torch.float32, "cuda") == 5
+    assert cache.held("cuda") == 2 * one and cache.counts["evicted"] == 0
+    for _ in range(2):
+        for layer in layers:
+            plan = cache.plan(layer.token, lambda: pytest.fail("prepared again"), 0.8, "lycoris",
+                              torch.float32, "cuda")
+            assert plan.storage.is_cuda and cache.held("cuda") <= cache.device_budget
+            weight = torch.randn(1280, 96, generator=gen).to(dtype)
+            want = merge.apply(merge.prepare(layer, 0.8, "lycoris", dtype=torch.float64), weight.double())
+            host = cache.patch(layer.token, None, 0.8, "lycoris", torch.float32, "cpu")
+            target = weight.cuda()
+            assert merge.apply_(host, target, plan)
+            got = target.cpu()
+            if dtype == torch.float32:
+                assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+            else:
+                assert within_one_ulp(got, want)
+    assert cache.counts["evicted"] > 0 and cache.counts["prepared"] == 5
