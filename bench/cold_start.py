@@ -25,9 +25,11 @@ def main(argv=None) -> None:
                    or os.path.join(bench.ROOT, ".comfyui", "ComfyUI"), help="ComfyUI checkout")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--subset", type=int)
+    p.add_argument("--work-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="the working copy's dtype (auto: the host's lora_compute_dtype, else float32)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    comfy = bench.Comfy(args.comfyui, device)
+    comfy = bench.Comfy(args.comfyui, device, args.work_dtype)
     net, _ = bench.build_model(comfy, "sdxl", "meta", torch.float16)
     layers = bench.subset(bench.model_layers(net, 16), args.subset)
     for i, layer in enumerate(layers):
@@ -41,7 +43,7 @@ def main(argv=None) -> None:
         return [layer.contenders[name] for layer in layers]
 
     def run(adapters, prepare=False) -> float:
-        temps = [layer.weight.to(torch.float32, copy=True) for layer in layers]
+        temps = [layer.weight.to(comfy.work_dtype, copy=True) for layer in layers]
         bench.Clock(device).sync()
         start = time.perf_counter()
         if prepare:
@@ -54,9 +56,10 @@ def main(argv=None) -> None:
     for layer in warm:
         bench.make_adapters(comfy, layer, device, torch.float16, 0)
         for name in ("core", "node"):
-            temp = layer.weight.to(torch.float32, copy=True)
+            temp = layer.weight.to(comfy.work_dtype, copy=True)
             comfy.lora.calculate_weight([(1.0, layer.contenders[name], 1.0, None, None)], temp, layer.key)
-    print(f"{len(layers)} layers on {bench.machine(device)}")
+    print(f"{len(layers)} layers on {bench.machine(device)}, ComfyUI {comfy.version}, "
+          f"working copies {comfy.work_dtype}")
     print(f"core: {run(fresh('core')):.0f} ms", flush=True)
     print(f"node, prepared per layer on its first call: {run(fresh('node')):.0f} ms", flush=True)
     adapters = fresh("node")

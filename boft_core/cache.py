@@ -110,9 +110,10 @@ class PatchCache:
         return moved
 
     def plan(self, token: str, layer: Callable[[], BoftLayer], strength: float, mode: str,
-             dtype: torch.dtype, device) -> fused.FusedButterfly | None:
-        """The in-place kernel plan (``scale * B``) on CUDA ``device``, or None where the kernel
-        does not apply (CPU, no Triton, input-side layers, the linear mode's blend, float64)."""
+             dtype: torch.dtype, device) -> tuple[merge.Patch, fused.FusedButterfly] | None:
+        """The host Patch and its in-place kernel plan (``scale * B``) on CUDA ``device``, for
+        ``merge.apply_(patch, weight, plan)``; None where the kernel does not apply (CPU, no
+        Triton, input-side layers, the linear mode's blend, float64)."""
         dev = device_key(device)
         if not dev.startswith("cuda") or dtype != torch.float32 or not fused.available():
             return None
@@ -120,12 +121,11 @@ class PatchCache:
         if host.plan is None:
             return None
         key = ((token, float(strength), mode, dtype), dev, "plan")
-        hit = self._device_get(key)
-        if hit is not None:
-            return hit
-        plan = host.plan.with_storage(host.plan.storage.to(dev, non_blocking=True))
-        self._device_put(key, plan, _nbytes(plan.storage))
-        return plan
+        plan = self._device_get(key)
+        if plan is None:
+            plan = host.plan.with_storage(host.plan.storage.to(dev, non_blocking=True))
+            self._device_put(key, plan, _nbytes(plan.storage))
+        return host.patch, plan
 
     def prepare_many(self, items: list[tuple[str, Callable[[], BoftLayer]]], strength: float, mode: str,
                      dtype: torch.dtype, device) -> int:

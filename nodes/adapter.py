@@ -99,8 +99,8 @@ class BOFTAdapter(WeightAdapterBase):
         token, mode = self.weights[6], self.weights[4]
         # In place: for offset patches ComfyUI keeps the narrowed view's base, not our return value.
         if is_identity(function):
-            plan = CACHE.plan(token, self.layer, strength, mode, dtype, weight.device) if weight.is_cuda else None
-            if plan is not None and apply_(CACHE.patch(token, self.layer, strength, mode, dtype, "cpu"), weight, plan):
+            kernel = CACHE.plan(token, self.layer, strength, mode, dtype, weight.device) if weight.is_cuda else None
+            if kernel is not None and apply_(kernel[0], weight, kernel[1]):
                 return weight  # the CUDA kernel, in ComfyUI's working copy (any float dtype)
             patch = self.patch_for(strength, weight.device, dtype)
             if apply_(patch, weight):

@@ -289,12 +289,12 @@ def test_cache_on_cuda_plans_budget_and_merge(dtype):
     assert cache.held("cuda") == 2 * one and cache.counts["evicted"] == 0
     for _ in range(2):
         for layer in layers:
-            plan = cache.plan(layer.token, lambda: pytest.fail("prepared again"), 0.8, "lycoris",
-                              torch.float32, "cuda")
+            host, plan = cache.plan(layer.token, lambda: pytest.fail("prepared again"), 0.8, "lycoris",
+                                    torch.float32, "cuda")
             assert plan.storage.is_cuda and cache.held("cuda") <= cache.device_budget
             weight = torch.randn(1280, 96, generator=gen).to(dtype)
             want = merge.apply(merge.prepare(layer, 0.8, "lycoris", dtype=torch.float64), weight.double())
-            host = cache.patch(layer.token, None, 0.8, "lycoris", torch.float32, "cpu")
+            assert host is cache.patch(layer.token, None, 0.8, "lycoris", torch.float32, "cpu")
             target = weight.cuda()
             assert merge.apply_(host, target, plan)
             got = target.cpu()
