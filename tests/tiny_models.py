@@ -234,11 +234,16 @@ def make_flux_checkpoint(path: str | os.PathLike, seed: int = 0, dtype: torch.dt
     379 M params: 362 MiB in fp8 (default), 723 MiB in bf16; ~5-8 s with verify and ~4 GB
     peak RSS. Load with UNETLoader (models/diffusion_models) or comfy.sd.load_diffusion_model.
     """
-    import_comfy()
-    from comfy.ldm.flux.model import Flux
+    import dataclasses
 
+    import_comfy()
+    from comfy.ldm.flux.model import Flux, FluxParams
+
+    config = dict(FLUX_DIT)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:
+        config["txt_ids_dims"] = []  # 0.28: what its model detection sets for plain Flux
     gen = torch.Generator().manual_seed(seed)
-    model = _build(lambda **kw: Flux(**FLUX_DIT, **kw))
+    model = _build(lambda **kw: Flux(**config, **kw))
     sd = _random_state_dict(model, gen, dtype)
     path = _save(sd, path, "flux")
     if verify:
