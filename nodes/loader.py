@@ -86,6 +86,14 @@ class LastRuns:
             run = self._runs.get(str(unique_id))
         return run if run is not None and run["boft_name"] == boft_name else None
 
+    def latest(self, unique_ids, boft_name: str) -> dict | None:
+        """The most recent run on ``boft_name`` among ``unique_ids`` (a node in a subgraph has one
+        execution id per instance of the subgraph); runs are kept in the order they happened."""
+        wanted = {str(u) for u in unique_ids}
+        with self._lock:
+            runs = [run for key, run in self._runs.items() if key in wanted]
+        return next((run for run in reversed(runs) if run["boft_name"] == boft_name), None)
+
 
 LAST_RUNS = LastRuns()
 TRIGGER_TOOLTIP = (f"The file's {TRIGGER_LIMIT} most frequent training tags (kohya ss_tag_frequency), "

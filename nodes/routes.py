@@ -1,8 +1,9 @@
 """HTTP routes for the pack's front end (web/js): file info for the panel, drag-and-drop upload.
 
-* ``GET  /boft/info?name=N[&node=ID]``: what the info panel shows for a file of the ``loras``
+* ``GET  /boft/info?name=N[&node=ID...]``: what the info panel shows for a file of the ``loras``
   list (format, family, counts, metadata, trigger words, per-layer rotation distance by block),
-  and the last run of loader node ``ID`` on that file.
+  and the latest run on that file of the loader node that runs under execution id ``ID`` (one per
+  instance of a subgraph the node is in, e.g. ``node=11:10&node=12:10``).
 * ``POST /boft/check?name=N&size=S``: body = the file's first bytes (length + JSON header).
   Says whether it is a BOFT file before anything is uploaded.
 * ``POST /boft/upload?name=N``: body = the whole file. Checks the header again, enforces the
@@ -183,8 +184,9 @@ async def info_route(request: web.Request) -> web.Response:
         info = await asyncio.to_thread(file_info, name, path)
     except (BoftError, OSError) as e:
         return _error(422, str(e))
-    node = request.query.get("node")
-    info["last_run"] = LAST_RUNS.get(node, name) if node else None
+    # A node inside a subgraph runs under its execution id ("11:10"), once per instance of the
+    # subgraph: the panel sends all of them and shows the latest run on this file.
+    info["last_run"] = LAST_RUNS.latest(request.query.getall("node", []), name)
     return web.json_response(info)
 
 

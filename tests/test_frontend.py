@@ -1,8 +1,11 @@
 """The front end for real: ComfyUI's server and web app, our routes, and headless Chromium.
 
-One ComfyUI server and one browser page serve every test here (about a minute on 2 cores).
-Chromium is Debian's (/usr/bin/chromium or $BOFT_CHROMIUM), driven by Playwright; run
-scripts/setup_browser.sh first. Screenshots of each state go to artifacts/browser/.
+One ComfyUI server and one browser page serve every test here. The browser tests run once per
+rendering of nodes the host's front end has: the classic canvas, and from front end 1.45 on also
+Nodes 2.0 (Vue nodes, setting Comfy.VueNodes.Enabled); the version is read from the host's
+installed comfyui-frontend-package. Chromium is Debian's (/usr/bin/chromium or $BOFT_CHROMIUM),
+driven by Playwright; run scripts/setup_browser.sh first. Screenshots of each state go to
+artifacts/browser/frontend-<version>/.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
+import subprocess
 import tempfile
 import time
 import urllib.error
@@ -21,17 +26,33 @@ from pathlib import Path
 import frontend_files
 import pytest
 import tiny_models
-from comfy_host import REPO_ROOT, ComfyServer
+from comfy_host import REPO_ROOT, ComfyServer, venv_python
 
 CKPT = "tiny_sd15.safetensors"
 DEMO = "demo_boft.safetensors"
 OTHER = "other_boft.safetensors"
 XSS_FILE = "markup_boft.safetensors"
 LORA = "plain_lora.safetensors"
-ARTIFACTS = REPO_ROOT / "artifacts" / "browser"
+FILE_WIDGET = "boft_name"
 UPLOAD_LIMIT_MB = 2  # the server runs with this limit; BIG is larger
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def frontend_version() -> tuple[int, ...]:
+    """The front end the host serves: the comfyui-frontend-package installed for its Python."""
+    code = "import importlib.metadata as m; print(m.version('comfyui-frontend-package'))"
+    try:
+        out = subprocess.run([venv_python(), "-c", code], capture_output=True, text=True, timeout=120, check=True)
+        return tuple(int(part) for part in re.findall(r"\d+", out.stdout)[:3])
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return (0,)  # no host yet: the server fixture fails and says why
+
+
+FRONTEND = frontend_version()
+VUE_NODES_FROM = (1, 45)  # Nodes 2.0 is tested (and made to work) from this front end on
+RENDERINGS = ("classic", "vue") if FRONTEND >= VUE_NODES_FROM else ("classic",)
+SHOTS = REPO_ROOT / "artifacts" / "browser" / f"frontend-{'.'.join(map(str, FRONTEND))}"
 
 
 def chromium_path() -> str | None:
@@ -112,6 +133,15 @@ def test_info_route_reports_the_file(server):
     assert len(info["layer_stats"]) == demo["layers"] and info["last_run"] is None
 
 
+def test_front_end_version_is_the_hosts(server):
+    """The version the tests chose their renderings by is the one the server reports (where it does)."""
+    stats = server.get("/system_stats")["system"]
+    installed = {p["name"]: p["installed"] for p in stats.get("comfy_package_versions", [])}
+    reported = installed.get("comfyui-frontend-package") or stats.get("required_frontend_version")
+    assert FRONTEND > (1,) and reported, stats
+    assert tuple(int(p) for p in re.findall(r"\d+", reported)[:3]) == FRONTEND, (reported, FRONTEND)
+
+
 def test_loaders_output_trigger_words(server):
     info = server.object_info()
     assert info["BOFTLoader"]["output"] == ["MODEL", "CLIP", "STRING"]
@@ -189,9 +219,8 @@ def page(server):
         from playwright.sync_api import sync_playwright
     except ImportError:
         missing("Python Playwright is not installed")
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    for old in ARTIFACTS.glob("*.png"):
-        old.unlink()
+    shutil.rmtree(SHOTS, ignore_errors=True)
+    SHOTS.mkdir(parents=True)
     profile = tempfile.mkdtemp(prefix="boft-chromium-")
     errors = []
     with sync_playwright() as p:
@@ -200,73 +229,150 @@ def page(server):
             viewport={"width": 1280, "height": 900}, permissions=["clipboard-read", "clipboard-write"])
         pg = context.pages[0] if context.pages else context.new_page()
         pg.on("pageerror", lambda e: errors.append(f"{e.message}\n{e.stack}")
-              if "boft" in f"{e.message}{e.stack}".lower() else None)
-        pg.on("console", lambda m: errors.append(m.text) if m.type == "error" and "boft" in m.text.lower() else None)
+              if about_us(f"{e.message}{e.stack}") else None)
+        pg.on("console", lambda m: errors.append(m.text) if m.type == "error" and about_us(m.text) else None)
         pg.goto(server.url)
         pg.wait_for_function("() => window.app?.graph && window.LiteGraph && app.extensions?.some("
                              "(e) => e.name === 'comfyui-boft.panel')", timeout=90_000)
+        pg.evaluate(PAGE_HELPERS)
         pg.boft_errors = errors
         yield pg
         context.close()
     shutil.rmtree(profile, ignore_errors=True)
 
 
-def shot(page, name: str, clip: dict | None = None) -> Path:
-    path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), clip=clip)
-    return path
+def about_us(text: str) -> bool:
+    """An error that names the pack; not a request to another site that names our nodes (the front
+    end asks api.comfy.org about a node type, which the page's policy blocks without network)."""
+    return "boft" in re.sub(r"https?://(?!127\.0\.0\.1[:/])\S+", "", text).lower()
 
 
-def fresh_node(page, node_type: str = "BOFTLoader", name: str = DEMO, pos=(160, 170)) -> int:
-    """An empty graph with one node of ours, the view reset; returns the node id once its panel is ready."""
-    node_id = page.evaluate("""([type, name, pos]) => {
-        app.graph.clear();
+# What the tests ask the page, in both renderings. `shown(id)` is the panel the page shows for a
+# node: in Nodes 2.0 the one inside that node's element (which must be the node's own), in the
+# classic rendering the node's panel if it is on the page and visible.
+PAGE_HELPERS = """() => { window.__boftTest = {
+    graph: () => app.canvas.graph ?? app.graph,
+    node: (id) => (app.canvas.graph ?? app.graph).getNodeById(id),
+    vueNode: (id) => document.querySelector(`.lg-node[data-node-id="${id}"]`),
+    shown(id) {
+        const node = this.node(id), host = this.vueNode(id);
+        const element = host ? host.querySelector('.boft-panel') : node?.boftPanel?.element;
+        return element?.isConnected && element.checkVisibility() ? element : null;
+    },
+    ready(id, name) {
+        const panel = this.node(id)?.boftPanel;
+        return !!panel && this.shown(id) === panel.element && panel.element.dataset.state === 'ready'
+            && (!name || panel.state.name === name);
+    },
+    toRoot() { if (app.canvas.graph && app.canvas.graph !== app.graph) app.canvas.setGraph(app.graph); },
+}; }"""
+
+
+class View:
+    """The page in one rendering of nodes: "classic" (canvas) or "vue" (Nodes 2.0)."""
+
+    def __init__(self, page, rendering: str):
+        self.page, self.rendering, self.vue = page, rendering, rendering == "vue"
+
+    def shot(self, name: str, clip: dict | None = None) -> Path:
+        """A screenshot in artifacts/browser/frontend-<version>/<rendering>-<name>.png."""
+        path = SHOTS / f"{self.rendering}-{name}.png"
+        self.page.screenshot(path=str(path), clip=clip)
+        return path
+
+
+@pytest.fixture(scope="module", params=RENDERINGS)
+def view(page, request):
+    """The shared page in each rendering this front end has (Nodes 2.0 from 1.45 on)."""
+    rendering = request.param
+    if FRONTEND >= VUE_NODES_FROM:
+        page.evaluate("async (on) => { await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', on); }",
+                      rendering == "vue")
+        page.wait_for_timeout(300)
+    return View(page, rendering)
+
+
+def fresh_node(view, node_type: str = "BOFTLoader", name: str = DEMO, pos=(160, 170)) -> int:
+    """An empty graph with one node of ours, the view reset; returns the node id once its panel is shown."""
+    node_id = view.page.evaluate("""([type, name, pos]) => {
+        __boftTest.toRoot(); app.graph.clear();
         app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1;
         const node = LiteGraph.createNode(type); node.pos = pos; app.graph.add(node);
         const w = node.widgets.find((w) => w.name === 'boft_name'); w.value = name; w.callback?.(name);
         app.canvas.setDirty(true, true);
         return node.id; }""", [node_type, name, list(pos)])
-    wait_panel(page, node_id, name)
+    wait_panel(view, node_id, name)
     return node_id
 
 
-def wait_panel(page, node_id, name=None):
-    page.wait_for_function("""([id, name]) => {
-        const node = app.graph.getNodeById(id);
-        const panel = node?.boftPanel;
-        return panel && panel.element.dataset.state === 'ready' && (!name || panel.state.name === name); }""",
-                           arg=[node_id, name], timeout=30_000)
-    page.wait_for_timeout(150)  # one frame for the DOM widget to be placed
+def wait_panel(view, node_id, name=None, timeout=30_000):
+    """Until the page shows the node's own panel, read and (with ``name``) for that file."""
+    view.page.wait_for_function("([id, name]) => __boftTest.ready(id, name)", arg=[node_id, name], timeout=timeout)
+    view.page.wait_for_timeout(150)  # one frame for the DOM widget to be placed
 
 
-def panel(page, node_id):
-    """A locator for the node's own panel (the element its BoftPanel made)."""
-    page.evaluate("""(id) => {
+def panel(view, node_id):
+    """A locator for the panel the page shows for the node."""
+    view.page.evaluate("""(id) => {
         document.querySelectorAll('[data-test-panel]').forEach((e) => e.removeAttribute('data-test-panel'));
-        app.graph.getNodeById(id).boftPanel.element.dataset.testPanel = '1'; }""", node_id)
-    return page.locator("[data-test-panel]")
+        __boftTest.shown(id).dataset.testPanel = '1'; }""", node_id)
+    return view.page.locator("[data-test-panel]")
 
 
-def fields(page, node_id) -> dict:
-    return page.evaluate("""(id) => Object.fromEntries(Array.from(app.graph.getNodeById(id).boftPanel.element
+def fields(view, node_id) -> dict:
+    """The panel's fields as the page shows them for the node."""
+    return view.page.evaluate("""(id) => Object.fromEntries(Array.from(__boftTest.shown(id)
         .querySelectorAll('[data-field]')).map((e) => [e.dataset.field, e.textContent]))""", node_id)
 
 
-def node_clip(page, node_id, pad: int = 8, bottom: int = 0) -> dict:
+def node_clip(view, node_id, pad: int = 8, bottom: int = 0) -> dict:
     """The node's rectangle on the page (title bar included, ``bottom`` px more), for a screenshot."""
-    return page.evaluate("""([id, pad, bottom]) => {
+    return view.page.evaluate("""([id, pad, bottom]) => {
         app.canvas.deselectAll?.();
         app.canvas.draw(true, true);  // lay the widgets out now, so the size is final
-        const n = app.graph.getNodeById(id), r = app.canvasEl.getBoundingClientRect();
+        const host = __boftTest.vueNode(id);
+        if (host) {
+            const b = host.getBoundingClientRect();
+            return {x: b.left - pad, y: b.top - pad, width: b.width + 2 * pad, height: b.height + 2 * pad + bottom};
+        }
+        const n = __boftTest.node(id), r = app.canvasEl.getBoundingClientRect();
         const [x, y] = app.canvas.ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT]);
         const s = app.canvas.ds.scale;
         return {x: r.left + x - pad, y: r.top + y - pad, width: n.size[0] * s + 2 * pad,
                 height: (n.size[1] + LiteGraph.NODE_TITLE_HEIGHT) * s + 2 * pad + bottom}; }""", [node_id, pad, bottom])
 
 
-def client_point(page, gx: float, gy: float) -> list[float]:
-    return page.evaluate("""([gx, gy]) => { const r = app.canvasEl.getBoundingClientRect();
+def client_point(view, gx: float, gy: float) -> list[float]:
+    """Where graph coordinates (gx, gy) are on the page."""
+    return view.page.evaluate("""([gx, gy]) => { const r = app.canvasEl.getBoundingClientRect();
         const [x, y] = app.canvas.ds.convertOffsetToCanvas([gx, gy]); return [r.left + x, r.top + y]; }""", [gx, gy])
+
+
+def title_point(view, node_id) -> list[float]:
+    """A point on the node's title bar: drawn on the canvas (classic), an element (Nodes 2.0)."""
+    return view.page.evaluate("""(id) => {
+        const host = __boftTest.vueNode(id);
+        if (host) { const b = host.getBoundingClientRect(); return [b.left + 60, b.top + 14]; }
+        const n = __boftTest.node(id), r = app.canvasEl.getBoundingClientRect();
+        const [x, y] = app.canvas.ds.convertOffsetToCanvas([n.pos[0] + 60, n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2]);
+        return [r.left + x, r.top + y]; }""", node_id)
+
+
+def pick_file(view, node_id, name: str) -> None:
+    """Choose ``name`` in the node's boft_name list the way a person does: open it, click the entry."""
+    page = view.page
+    if view.vue:
+        page.locator(f'.lg-node[data-node-id="{node_id}"] button[aria-label="{FILE_WIDGET}"]').click()
+        page.get_by_role("option", name=name, exact=True).click()
+        return
+    x, y = page.evaluate("""([id, widget]) => {
+        const n = __boftTest.node(id), w = n.widgets.find((w) => w.name === widget);
+        const r = app.canvasEl.getBoundingClientRect();
+        const [x, y] = app.canvas.ds.convertOffsetToCanvas([n.pos[0] + n.size[0] / 2,
+                                                            n.pos[1] + w.y + LiteGraph.NODE_WIDGET_HEIGHT / 2]);
+        return [r.left + x, r.top + y]; }""", [node_id, FILE_WIDGET])
+    page.mouse.click(x, y)
+    page.locator(".litecontextmenu .litemenu-entry", has_text=name).first.click()
 
 
 DROP = """async ([b64, name, x, y]) => {
@@ -281,26 +387,40 @@ DROP = """async ([b64, name, x, y]) => {
     return target.tagName + '.' + target.className; }"""
 
 
-def drop(page, path: Path, name: str, x: float, y: float) -> str:
+def drop(view, path: Path, name: str, x: float, y: float) -> str:
     """What a person's drag and drop does: dragenter, dragover, drop of a real File at (x, y)."""
-    return page.evaluate(DROP, [base64.b64encode(path.read_bytes()).decode(), name, x, y])
+    return view.page.evaluate(DROP, [base64.b64encode(path.read_bytes()).decode(), name, x, y])
 
 
-def test_nodes_are_in_the_node_library(page):
-    shot(page, "00-loaded")
+def load_api(view, workflow: dict, title: str) -> None:
+    """Open an API-format workflow whose node ids are names: they become 1, 2, ... in order."""
+    ids = {key: str(i + 1) for i, key in enumerate(workflow)}
+    api = {ids[k]: {"class_type": n["class_type"],
+                    "inputs": {a: [ids[v[0]], v[1]] if isinstance(v, list) else v for a, v in n["inputs"].items()}}
+           for k, n in workflow.items()}
+    view.page.evaluate("([wf, title]) => { __boftTest.toRoot(); app.graph.clear(); app.loadApiJson(wf, title); }",
+                       [api, title])
+
+
+def test_nodes_are_in_the_node_library(page, server):
+    """Both loaders are listed, beside the host's own LoRA loaders (``loaders`` or ``model/loaders``)."""
+    info = server.object_info()
+    assert info["BOFTLoader"]["category"] == info["BOFTLoaderModelOnly"]["category"] == info["LoraLoader"]["category"]
+    page.evaluate("() => { __boftTest.toRoot(); app.graph.clear(); }")
     page.click(".node-library-tab-button")
-    search = page.get_by_placeholder("Search Nodes")
+    search = page.get_by_placeholder(re.compile(r"^Search")).first  # "Search Nodes..." (1.32), "Search..." (1.45)
     search.fill("BOFT")
-    page.get_by_text("Load BOFT (model only)").first.wait_for(timeout=10_000)
-    labels = page.locator(".p-tree-node-label").all_inner_texts()
-    assert "Load BOFT" in labels and "Load BOFT (model only)" in labels, labels
-    shot(page, "01-node-library")
+    for name in ("Load BOFT", "Load BOFT (model only)"):
+        page.get_by_text(name, exact=True).first.wait_for(timeout=10_000)
+    folder = info["LoraLoader"]["category"].split("/")[-1]
+    assert page.get_by_text(folder, exact=True).count() > 0
+    page.screenshot(path=str(SHOTS / "01-node-library.png"))
     page.click(".node-library-tab-button")  # close the sidebar again
 
 
-def test_panel_shows_the_numbers(page, server):
-    node_id = fresh_node(page)
-    got = fields(page, node_id)
+def test_panel_shows_the_numbers(view, server):
+    node_id = fresh_node(view)
+    got = fields(view, node_id)
     demo = server.demo
     assert got["format"] == "lycoris-boft" and "SD1.x/SD2.x" in got["family"]
     assert got["layers"] == "20"
@@ -310,47 +430,79 @@ def test_panel_shows_the_numbers(page, server):
     assert got["size"] == f"{demo['size'] / 1024:.1f} KiB · {demo['parameters']:,} parameters"
     assert got["meta:ss_network_module"] == "lycoris.kohya" and got["meta:ss_num_train_images"] == "60"
     assert got["meta:ss_output_name"] == "wtrclr-boft"
-    chips = panel(page, node_id).locator(".boft-chip").evaluate_all("(cs) => cs.map((c) => c.textContent)")
+    chips = panel(view, node_id).locator(".boft-chip").evaluate_all("(cs) => cs.map((c) => c.textContent)")
     assert chips == ["wtrclr style60", "mountain15", "forest11", "lake9"]
     # The panel is not a widget value: saved workflows keep the loader's four values.
-    assert page.evaluate("(id) => app.graph.getNodeById(id).serialize().widgets_values", node_id) == [
+    assert view.page.evaluate("(id) => __boftTest.node(id).serialize().widgets_values", node_id) == [
         DEMO, 1, 1, "lycoris"]
-    shot(page, "02-panel", node_clip(page, node_id))
-    only = fresh_node(page, "BOFTLoaderModelOnly", OTHER)
-    assert fields(page, only)["meta:ss_output_name"] == "other"
-    assert page.evaluate("(id) => app.graph.getNodeById(id).outputs.map((o) => o.name)", only) == [
+    view.shot("02-panel", node_clip(view, node_id))
+    only = fresh_node(view, "BOFTLoaderModelOnly", OTHER)
+    assert fields(view, only)["meta:ss_output_name"] == "other"
+    assert view.page.evaluate("(id) => __boftTest.node(id).outputs.map((o) => o.name)", only) == [
         "MODEL", "trigger_words"]
 
 
-def test_metadata_is_shown_as_text(page):
+def test_panel_fits_in_the_node(view):
+    """The panel has a bounded height inside its node and scrolls; Nodes 2.0 lays a DOM widget out
+    in a flex box that ignores getMinHeight, so there the height comes from our CSS."""
+    node_id = fresh_node(view)
+    page = view.page
+    measure = """(id) => {
+        const p = __boftTest.shown(id), r = p.getBoundingClientRect();
+        const host = __boftTest.vueNode(id), n = __boftTest.node(id), c = app.canvasEl.getBoundingClientRect();
+        const s = app.canvas.ds.scale;
+        const [x, y] = app.canvas.ds.convertOffsetToCanvas([n.pos[0], n.pos[1]]);
+        const box = host ? host.getBoundingClientRect()
+            : {left: c.left + x, top: c.top + y, right: c.left + x + n.size[0] * s, bottom: c.top + y + n.size[1] * s};
+        return {height: p.offsetHeight, scroll: p.scrollHeight, client: p.clientHeight,
+                want: parseFloat(p.style.getPropertyValue('--boft-panel-height')),
+                inside: r.left >= box.left - 1 && r.right <= box.right + 1
+                        && r.top >= box.top - 1 && r.bottom <= box.bottom + 1,
+                node: host ? host.offsetHeight : n.size[1] + LiteGraph.NODE_TITLE_HEIGHT}; }"""
+    got = page.evaluate(measure, node_id)
+    assert got["inside"], got
+    assert got["scroll"] > got["client"], got  # the metadata does not fit: the panel scrolls
+    assert 300 <= got["height"] <= got["want"] + 2, got
+    assert got["node"] < got["want"] + 260, got  # the other widgets and the title, not the whole panel
+    if view.vue:
+        assert abs(got["height"] - got["want"]) <= 1, got
+        # Resized taller, the panel takes the room; back to its size, it is bounded again.
+        page.evaluate("(id) => { const n = __boftTest.node(id); n.setSize([n.size[0], n.size[1] + 200]); "
+                      "app.canvas.setDirty(true, true); }", node_id)
+        page.wait_for_function(f"(id) => __boftTest.shown(id).offsetHeight > {got['height'] + 150}", arg=node_id,
+                               timeout=5000)
+        assert page.evaluate(measure, node_id)["inside"]
+    view.shot("03-panel-fits", node_clip(view, node_id))
+
+
+def test_metadata_is_shown_as_text(view):
     """<script> and <img onerror> in ss_output_name and in a tag are shown as they are, never run."""
-    node_id = fresh_node(page, name=XSS_FILE)
-    assert fields(page, node_id)["meta:ss_output_name"] == frontend_files.XSS
-    words = panel(page, node_id).locator(".boft-chip").evaluate_all("(cs) => cs.map((c) => c.dataset.word)")
+    node_id = fresh_node(view, name=XSS_FILE)
+    assert fields(view, node_id)["meta:ss_output_name"] == frontend_files.XSS
+    words = panel(view, node_id).locator(".boft-chip").evaluate_all("(cs) => cs.map((c) => c.dataset.word)")
     assert frontend_files.XSS in words
-    assert frontend_files.XSS in panel(page, node_id).inner_text()
-    assert page.evaluate("() => document.querySelectorAll('.boft-panel script, .boft-panel img').length") == 0
-    page.wait_for_timeout(300)  # an <img onerror> would have fired by now
-    assert page.evaluate("() => window.__boft_xss") is None
-    shot(page, "03-markup-as-text", node_clip(page, node_id))
+    assert frontend_files.XSS in panel(view, node_id).inner_text()
+    assert view.page.evaluate("() => document.querySelectorAll('.boft-panel script, .boft-panel img').length") == 0
+    view.page.wait_for_timeout(300)  # an <img onerror> would have fired by now
+    assert view.page.evaluate("() => window.__boft_xss") is None
+    view.shot("04-markup-as-text", node_clip(view, node_id))
 
 
-def test_panel_explains_a_file_that_is_not_boft(page):
-    node_id = page.evaluate("""(name) => {
-        app.graph.clear();
+def test_panel_explains_a_file_that_is_not_boft(view):
+    node_id = view.page.evaluate("""(name) => {
+        __boftTest.toRoot(); app.graph.clear();
         const node = LiteGraph.createNode('BOFTLoader'); node.pos = [160, 170]; app.graph.add(node);
         const w = node.widgets.find((w) => w.name === 'boft_name'); w.value = name; w.callback?.(name);
         return node.id; }""", LORA)
-    page.wait_for_function("(id) => app.graph.getNodeById(id).boftPanel.element.dataset.state === 'error'",
-                           arg=node_id, timeout=30_000)
-    error = fields(page, node_id)["error"]
+    view.page.wait_for_function("(id) => __boftTest.shown(id)?.dataset.state === 'error'", arg=node_id, timeout=30_000)
+    error = fields(view, node_id)["error"]
     assert "this is a LoRA (lora_up/lora_down)" in error and "Load it with a LoRA loader" in error
 
 
-def test_picture_shows_where_the_adapter_acts(page):
-    node_id = fresh_node(page)
-    colors = page.evaluate("""(id) => {
-        const c = app.graph.getNodeById(id).boftPanel.element.querySelector('canvas.boft-picture');
+def test_picture_shows_where_the_adapter_acts(view):
+    node_id = fresh_node(view)
+    colors = view.page.evaluate("""(id) => {
+        const c = __boftTest.shown(id).querySelector('canvas.boft-picture');
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         const count = {down: 0, up: 0, drawn: 0};
         for (let i = 0; i < d.length; i += 4) {
@@ -363,59 +515,84 @@ def test_picture_shows_where_the_adapter_acts(page):
     assert colors["width"] > 200 and colors["height"] > 60
     assert colors["down"] > 0 and colors["up"] > 5 * colors["down"], colors  # the 'up' bars dominate
     # Hovering a bar names the layer (as a title: text only).
-    picture = panel(page, node_id).locator("canvas.boft-picture")
+    picture = panel(view, node_id).locator("canvas.boft-picture")
+    picture.scroll_into_view_if_needed()
     box = picture.bounding_box()
-    page.mouse.move(box["x"] + box["width"] - 6, box["y"] + box["height"] - 32)
+    view.page.mouse.move(box["x"] + box["width"] - 6, box["y"] + box["height"] * 0.66)
     title = picture.get_attribute("title")
     assert title.startswith("lora_unet_output_blocks_1_1_") and "up: ‖B−I‖/√n" in title, title
-    shot(page, "04-picture", node_clip(page, node_id))
+    view.shot("05-picture", node_clip(view, node_id))
 
 
-def test_trigger_words_copy_on_click(page, server):
-    node_id = fresh_node(page)
+def test_trigger_words_copy_on_click(view, server):
+    node_id = fresh_node(view)
+    page = view.page
     page.evaluate("() => navigator.clipboard.writeText('')")
-    panel(page, node_id).locator(".boft-chip", has_text="mountain").click()
+    panel(view, node_id).locator(".boft-chip", has_text="mountain").click()
     page.wait_for_function("async () => (await navigator.clipboard.readText()) === 'mountain'", timeout=5000)
-    panel(page, node_id).locator("[data-field=copy-all]").click()
+    panel(view, node_id).locator("[data-field=copy-all]").click()
     _, info = call(server, "GET", "/boft/info", {"name": DEMO})
     page.wait_for_function("async (want) => (await navigator.clipboard.readText()) === want", arg=info["trigger_text"],
                            timeout=5000)
-    shot(page, "05-copied")
+    view.shot("06-copied")
 
 
-def test_open_larger_shows_everything(page):
-    node_id = fresh_node(page)
-    panel(page, node_id).locator(".boft-open").click()
-    dialog = page.locator("dialog.boft-dialog")
+def test_open_larger_shows_everything(view):
+    node_id = fresh_node(view)
+    panel(view, node_id).locator(".boft-open").click()
+    dialog = view.page.locator("dialog.boft-dialog")
     dialog.wait_for(state="visible")
-    page.wait_for_timeout(200)
+    view.page.wait_for_timeout(200)
     text = dialog.inner_text()
     assert DEMO in text and "ss_network_args" in text and "ss_learning_rate" in text
     assert dialog.locator("canvas.boft-picture").bounding_box()["height"] > 150
-    shot(page, "06-dialog", dialog.bounding_box())
+    view.shot("07-dialog", dialog.bounding_box())
     dialog.locator("button", has_text="Close").click()
     dialog.wait_for(state="detached")
-    assert page.evaluate("(id) => app.graph.getNodeById(id).boftPanel.dialog", node_id) is None
+    assert view.page.evaluate("(id) => __boftTest.node(id).boftPanel.dialog", node_id) is None
 
 
-def test_drop_creates_a_working_node(page, server):
-    wf = tiny_models.sd15_workflow(CKPT, filename_prefix="boft_browser")
+def test_panel_follows_picks_undo_and_reused_ids(view):
+    """The panel shows the file picked in the list, again after Ctrl+Z (the node is recreated) and
+    for a node created under the id of a removed one (Nodes 2.0 keeps a DOM widget's element per id)."""
+    page = view.page
+    node_id = fresh_node(view)
+    page.evaluate("() => app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.()")
+    pick_file(view, node_id, OTHER)
+    wait_panel(view, node_id, OTHER)
+    assert fields(view, node_id)["meta:ss_output_name"] == "other"
+    page.evaluate("() => app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.()")
+    page.mouse.click(1000, 820)  # the canvas has the focus, on an empty spot
+    page.keyboard.press("Control+z")
+    wait_panel(view, node_id, DEMO)
+    assert fields(view, node_id)["meta:ss_output_name"] == "wtrclr-boft"
+    pick_file(view, node_id, OTHER)  # later picks still reach the panel the page shows
+    wait_panel(view, node_id, OTHER)
+    assert fields(view, node_id)["meta:ss_output_name"] == "other"
+    view.shot("08-after-undo", node_clip(view, node_id))
+    again = fresh_node(view, name=XSS_FILE)  # the graph cleared and refilled: the same id again
+    assert again == node_id
+    assert fields(view, again)["meta:ss_output_name"] == frontend_files.XSS
+    assert page.evaluate("() => document.querySelectorAll('.boft-panel').length") == 1
+
+
+def test_drop_creates_a_working_node(view, server):
+    page = view.page
+    wf = tiny_models.sd15_workflow(CKPT, filename_prefix=f"boft_browser_{view.rendering}")
     wf["preview"] = {"class_type": "PreviewAny", "inputs": {"source": ["ckpt", 0]}}
-    ids = {key: str(i + 1) for i, key in enumerate(wf)}
-    api = {ids[k]: {"class_type": n["class_type"],
-                    "inputs": {a: [ids[v[0]], v[1]] if isinstance(v, list) else v for a, v in n["inputs"].items()}}
-           for k, n in wf.items()}
-    page.evaluate("(wf) => { app.graph.clear(); app.loadApiJson(wf, 'boft-drop-test'); }", api)
+    load_api(view, wf, "boft-drop-test")
     # Drop onto empty canvas right of everything.
     right = page.evaluate("() => Math.max(...app.graph.nodes.map((n) => n.pos[0] + n.size[0]))")
     page.evaluate("(right) => { app.canvas.ds.scale = 1; app.canvas.ds.offset = [-right - 40, 60]; "
                   "app.canvas.setDirty(true, true); }", right)
-    x, y = client_point(page, right + 160, 260)
-    assert drop(page, server.models / "loras" / DEMO, "dropped_boft.safetensors", x, y).startswith("CANVAS")
+    page.wait_for_timeout(200)
+    dropped = f"dropped_{view.rendering}.safetensors"
+    x, y = client_point(view, right + 160, 260)
+    assert drop(view, server.models / "loras" / DEMO, dropped, x, y).startswith("CANVAS")
     node_id = page.wait_for_function("() => app.graph.nodes.find((n) => n.comfyClass === 'BOFTLoader')?.id",
                                      timeout=20_000).json_value()
-    wait_panel(page, node_id, "dropped_boft.safetensors")
-    stored = upload_folder(server) / "dropped_boft.safetensors"
+    wait_panel(view, node_id, dropped)
+    stored = upload_folder(server) / dropped
     assert stored.read_bytes() == (server.models / "loras" / DEMO).read_bytes()
     page.get_by_text("BOFT file added").first.wait_for(timeout=5000)
     # Wire it in: checkpoint -> Load BOFT -> KSampler, trigger_words -> Preview Any; run it from the page.
@@ -426,57 +603,106 @@ def test_drop_creates_a_working_node(page, server):
     page.evaluate("() => app.queuePrompt(0, 1)")
     page.wait_for_function("(id) => app.graph.getNodeById(id).boftPanel.state.lastRun", arg=node_id, timeout=90_000)
     page.wait_for_timeout(200)
-    got = fields(page, node_id)
+    got = fields(view, node_id)
     assert got["layers"] == "20 · last run applied 18 of 20"
     assert got["not-applied"] == ", ".join(sorted(server.demo["not_applied"]))
     # The panel learns of the run when our node has executed; the prompt's history entry comes at its end.
+    prefix = f"boft_browser_{view.rendering}_"
     deadline = time.monotonic() + 90
-    while not (entries := [e for e in server.get("/history").values() if "boft_browser" in json.dumps(e["outputs"])]):
+    while not (entries := [e for e in server.get("/history").values() if prefix in json.dumps(e["outputs"])]):
         assert time.monotonic() < deadline, "the prompt queued from the page never finished"
         time.sleep(0.1)
     (entry,) = entries
     assert entry["status"]["status_str"] == "success"
     texts = [o["text"][0] for o in entry["outputs"].values() if "text" in o]
-    _, info = call(server, "GET", "/boft/info", {"name": "dropped_boft.safetensors"})
+    _, info = call(server, "GET", "/boft/info", {"name": dropped})
     assert texts == [info["trigger_text"]]
     assert page.evaluate("() => window.__boft_xss") is None
-    shot(page, "07-dropped-and-run")
+    view.shot("09-dropped-and-run")
     page.evaluate("""(id) => { const n = app.graph.getNodeById(id);
         app.canvas.ds.offset = [300 - n.pos[0], 170 - n.pos[1]]; app.canvas.setDirty(true, true); }""", node_id)
-    page.wait_for_timeout(200)
-    shot(page, "08-panel-after-run", node_clip(page, node_id, bottom=70))
+    page.wait_for_timeout(300)
+    view.shot("10-panel-after-run", node_clip(view, node_id, bottom=0 if view.vue else 70))
 
 
-def test_drop_on_a_boft_node_switches_its_file(page, server):
-    node_id = fresh_node(page)
-    title = client_point(page, 200, 170 - 15)  # the node's title bar, drawn on the canvas
-    drop(page, server.models / "loras" / OTHER, OTHER, *title)
-    wait_panel(page, node_id, OTHER)
-    assert fields(page, node_id)["meta:ss_output_name"] == "other"
-    assert page.evaluate("() => app.graph.nodes.length") == 1
-    # Dropped on the panel (a DOM element over the canvas), it does the same.
-    box = panel(page, node_id).locator(".boft-body").bounding_box()
-    drop(page, server.models / "loras" / DEMO, DEMO, box["x"] + 40, box["y"] + 40)
-    wait_panel(page, node_id, DEMO)
-    assert page.evaluate("() => app.graph.nodes.length") == 1
-    shot(page, "09-switched", node_clip(page, node_id))
+def test_drop_on_a_boft_node_switches_its_file(view, server):
+    node_id = fresh_node(view)
+    target = drop(view, server.models / "loras" / OTHER, OTHER, *title_point(view, node_id))
+    assert target.startswith("CANVAS") != view.vue, target  # Nodes 2.0: the node's own element
+    wait_panel(view, node_id, OTHER)
+    assert fields(view, node_id)["meta:ss_output_name"] == "other"
+    assert view.page.evaluate("() => app.graph.nodes.length") == 1
+    # Dropped on the panel (a DOM element over the canvas, or in the node), it does the same.
+    box = panel(view, node_id).locator(".boft-body").bounding_box()
+    drop(view, server.models / "loras" / DEMO, DEMO, box["x"] + 40, box["y"] + 40)
+    wait_panel(view, node_id, DEMO)
+    assert view.page.evaluate("() => app.graph.nodes.length") == 1
+    view.shot("11-switched", node_clip(view, node_id))
 
 
-def test_drop_of_a_non_boft_file_is_refused(page, server):
-    page.evaluate("() => { app.graph.clear(); app.canvas.setDirty(true, true); }")
-    x, y = client_point(page, 400, 300)
-    drop(page, server.models / "loras" / LORA, "not_a_boft.safetensors", x, y)
-    message = page.locator(".p-toast-message", has_text="Not added: not_a_boft.safetensors").first
+def test_drop_of_a_non_boft_file_is_refused(view, server):
+    page = view.page
+    page.evaluate("() => { __boftTest.toRoot(); app.graph.clear(); app.canvas.setDirty(true, true); }")
+    x, y = client_point(view, 400, 300)
+    name = f"not_a_boft_{view.rendering}.safetensors"
+    drop(view, server.models / "loras" / LORA, name, x, y)
+    message = page.locator(".p-toast-message", has_text=f"Not added: {name}").first
     message.wait_for(timeout=10_000)
     text = message.inner_text()
     assert "LoRA" in text and "Nothing was written" in text, text
     assert page.evaluate("() => app.graph.nodes.length") == 0
-    assert not (upload_folder(server) / "not_a_boft.safetensors").exists()
+    assert not (upload_folder(server) / name).exists()
     assert not list(upload_folder(server).glob(".boft-upload-*"))
     page.wait_for_timeout(500)  # the toast's fade-in
-    shot(page, "10-refused")
+    view.shot("12-refused")
 
 
-def test_no_errors_in_the_page(page):
-    assert page.boft_errors == []
-    assert page.evaluate("() => window.__boft_xss") is None
+def test_coverage_of_a_node_in_a_subgraph(view, server):
+    """Inside a subgraph a node runs under its execution id ("11:4"): the panel shows that run, and
+    never the run of a top-level node with the same local id (here: the node before it was moved)."""
+    page = view.page
+    name = f"subgraph_{view.rendering}.safetensors"  # runs of the other rendering stay apart
+    shutil.copyfile(server.models / "loras" / DEMO, server.models / "loras" / name)
+
+    def patch(model_ref):
+        return {"boft": {"class_type": "BOFTLoaderModelOnly", "inputs": {
+            "model": model_ref, "boft_name": name, "strength_model": 0.0, "mode": "lycoris"}}}, ["boft", 0]
+
+    wf = tiny_models.sd15_workflow(CKPT, filename_prefix=f"boft_subgraph_{view.rendering}", patch_model=patch)
+    page.evaluate("async () => { await app.refreshComboInNodes(); }")  # the new file in the lists
+    load_api(view, wf, "boft-subgraph-test")
+    node_id = page.wait_for_function("() => app.graph.nodes.find((n) => n.comfyClass === 'BOFTLoaderModelOnly')?.id",
+                                     timeout=20_000).json_value()
+    page.evaluate("() => app.queuePrompt(0, 1)")  # at the top level, strength 0
+    page.wait_for_function("(id) => app.graph.getNodeById(id).boftPanel.state.lastRun", arg=node_id, timeout=90_000)
+    assert fields(view, node_id)["layers"] == "20 · last run: BOFT: strength 0, nothing applied."
+    outer = page.evaluate("""(id) => {
+        const { node } = app.graph.convertToSubgraph(new Set([app.graph.getNodeById(id)]));
+        app.canvas.openSubgraph ? app.canvas.openSubgraph(node.subgraph, node) : app.canvas.setGraph(node.subgraph);
+        app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1; app.canvas.setDirty(true, true);
+        return node.id; }""", node_id)
+    inner = page.evaluate("() => app.canvas.graph.nodes.find((n) => n.comfyClass === 'BOFTLoaderModelOnly').id")
+    assert inner == node_id  # the same local id, now under the subgraph node
+    wait_panel(view, inner, name)
+    assert fields(view, inner)["layers"] == "20"  # not the top-level run of node `inner`
+    page.evaluate("""(id) => { const w = __boftTest.node(id).widgets.find((w) => w.name === 'strength_model');
+        w.value = 1; w.callback?.(1); }""", inner)
+    page.evaluate("() => app.queuePrompt(0, 1)")
+    page.wait_for_function("(id) => __boftTest.node(id).boftPanel.state.lastRun?.total", arg=inner, timeout=90_000)
+    wait_panel(view, inner, name)
+    got = fields(view, inner)
+    assert got["layers"] == "20 · last run applied 18 of 20"
+    assert got["not-applied"] == ", ".join(sorted(server.demo["not_applied"]))
+    # The server keeps both runs apart: by execution id, and only the latest of them is shown.
+    runs = {key: call(server, "GET", "/boft/info", {"name": name, "node": key})[1]["last_run"]
+            for key in (str(inner), f"{outer}:{inner}")}
+    assert runs[str(inner)]["total"] is None and runs[f"{outer}:{inner}"]["applied"] == 18, runs
+    both = call(server, "GET", "/boft/info", [("name", name), ("node", str(inner)), ("node", f"{outer}:{inner}")])[1]
+    assert both["last_run"] == runs[f"{outer}:{inner}"]
+    view.shot("13-subgraph", node_clip(view, inner))
+    page.evaluate("() => __boftTest.toRoot()")
+
+
+def test_no_errors_in_the_page(view):
+    assert view.page.boft_errors == []
+    assert view.page.evaluate("() => window.__boft_xss") is None

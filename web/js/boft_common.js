@@ -63,10 +63,30 @@ async function jsonOf(response) {
   }
 }
 
-/** GET /boft/info: {ok: true, info} or {ok: false, error}. */
-export async function fetchInfo(name, nodeId, signal) {
+/** The ids the server runs `node` under (its UNIQUE_ID): the node's id at the top level; inside a
+ *  subgraph, the path of subgraph-node ids down to it ("11:10"), one per instance of that subgraph. */
+export function executionIds(node) {
+  const graph = node?.graph;
+  if (!graph || node.id === undefined || node.id === null || node.id === -1) return [];
+  const root = graph.rootGraph ?? graph;
+  if (graph === root) return [String(node.id)];
+  const ids = [];
+  const walk = (parent, path) => {
+    for (const outer of parent.nodes ?? []) {
+      if (!outer.isSubgraphNode?.() || !outer.subgraph || path.length > 32) continue;
+      if (outer.subgraph === graph) ids.push([...path, outer.id, node.id].join(":"));
+      else walk(outer.subgraph, [...path, outer.id]);
+    }
+  };
+  walk(root, []);
+  return ids;
+}
+
+/** GET /boft/info: {ok: true, info} or {ok: false, error}; `nodeIds` (execution ids) pick the
+ *  run the panel shows: the latest of them on this file. */
+export async function fetchInfo(name, nodeIds, signal) {
   const query = new URLSearchParams({ name });
-  if (nodeId !== undefined && nodeId !== null) query.set("node", String(nodeId));
+  for (const id of nodeIds ?? []) query.append("node", id);
   const response = await api.fetchApi(`/boft/info?${query}`, { signal });
   const body = await jsonOf(response);
   return response.ok ? { ok: true, info: body } : { ok: false, error: body.error };

@@ -3,7 +3,7 @@
 // metadata, and after a run what was applied. "Open" shows the same, larger, in a dialog.
 import { app } from "../../../scripts/app.js";
 import {
-  addDroppedFiles, copyText, draggingFiles, el, fetchInfo, FILE_WIDGET, formatBytes, isBoftNode,
+  addDroppedFiles, copyText, draggingFiles, el, executionIds, fetchInfo, FILE_WIDGET, formatBytes, isBoftNode,
   safetensorsFiles, selectFile, toast,
 } from "./boft_common.js";
 import { livePicture } from "./boft_picture.js";
@@ -17,6 +17,7 @@ const PEFT_FIELDS = ["peft_type", "boft_block_size", "boft_block_num", "boft_n_b
 const LONG = 600;
 const PANEL_HEIGHT = 420;
 const MIN_HEIGHT = 330;
+const REMOVED = new WeakSet(); // panel elements of removed nodes
 
 const counts = (pairs, fmt = String) => pairs.map(([v, n]) => (pairs.length > 1 ? `${fmt(v)} ×${n}` : fmt(v))).join(" · ");
 const clip = (text, n) => (text.length > n ? `${text.slice(0, n)}…` : text);
@@ -115,6 +116,9 @@ class BoftPanel {
     this.element = el("div", { class: "boft-panel" },
       el("button", { class: "boft-open", title: "Open larger", onclick: () => this.openDialog() }, "⤢ Open"),
       this.body);
+    // Nodes 2.0 lays the panel out in a flex box that ignores getMinHeight; boft.css gives it this
+    // height there (more if the node is resized taller).
+    this.element.style.setProperty("--boft-panel-height", `${PANEL_HEIGHT}px`);
     this.picture = null;
     this.dialog = null;
     // Drops on the panel never reach the canvas: take BOFT files here, like the node does.
@@ -137,7 +141,7 @@ class BoftPanel {
     if (name !== this.state.name) this.state = { name, info: null, lastRun: null, error: null };
     if (!name) return this.show();
     try {
-      const answer = await fetchInfo(name, this.node.id, abort.signal);
+      const answer = await fetchInfo(name, executionIds(this.node), abort.signal);
       if (abort.signal.aborted) return;
       this.state = answer.ok
         ? { name, info: answer.info, lastRun: answer.info.last_run, error: null }
@@ -149,7 +153,18 @@ class BoftPanel {
     this.show();
   }
 
+  /** Nodes 2.0 mounts a DOM widget's element when a node id first renders and keeps it there: a
+   *  node recreated under an id that existed before (undo, a graph cleared and refilled) would show
+   *  the removed node's panel, and never this one. Take the removed panel's place. */
+  takeSlot() {
+    if (this.element.isConnected || app.canvas?.graph?.getNodeById?.(this.node.id) !== this.node) return;
+    const host = document.querySelector(`.lg-node[data-node-id="${CSS.escape(String(this.node.id))}"]`);
+    const stale = host?.querySelector(".boft-panel");
+    if (stale && REMOVED.has(stale)) stale.replaceWith(this.element);
+  }
+
   show() {
+    this.takeSlot();
     this.element.dataset.state = this.state.error ? "error" : this.state.info ? "ready" : "loading";
     this.picture?.dispose();
     const canvas = render(this.body, this.state, false);
@@ -185,6 +200,7 @@ class BoftPanel {
   }
 
   dispose() {
+    REMOVED.add(this.element);
     this.abort?.abort();
     this.picture?.dispose();
     this.dialog?.dialog.close();
@@ -243,8 +259,12 @@ app.registerExtension({
       this.setSize([Math.max(this.size[0], 360), this.size[1]]);
       fitPanel(this);
       queueMicrotask(() => panel.load());
+      requestAnimationFrame(() => panel.takeSlot());
     });
-    chain(proto, "onConfigure", function () { this.boftPanel?.load(); });
+    chain(proto, "onConfigure", function () {
+      this.boftPanel?.load();
+      requestAnimationFrame(() => this.boftPanel?.takeSlot());
+    });
     chain(proto, "onExecuted", function (output) {
       if (!output?.boft_report) return;
       this.boftPanel?.load();
