@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from .formats import BoftError, BoftFile, load, trigger_words
+from .formats import BoftError, BoftFile, all_finite, trigger_words
+from .guard import check_merge, check_strength, load
 from .merge import MODES, apply, merge_bias, prepare
 
 DESCRIPTION = """\
@@ -123,6 +125,7 @@ def cmd_merge(args) -> int:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    strength = check_strength(args.strength, "--strength")
     adapter = load(args.adapter)
     try:
         with safe_open(args.base, framework="pt") as f:
@@ -131,17 +134,25 @@ def cmd_merge(args) -> int:
     except Exception as e:  # safetensors' own error types; the user needs the file name
         raise BoftError(f"{args.base}: cannot read the base checkpoint: {e}") from None
     matched = match_layers(adapter, list(tensors))
-    for name, key in matched.items():
-        patch = prepare(adapter.layers[name], args.strength, args.mode)
-        tensors[key] = apply(patch, tensors[key])
+    merged = {}
+    for name, key in matched.items():  # every layer checked and merged before anything is written
+        layer = adapter.layers[name]
+        check_merge(layer, strength, args.mode, tensors[key], adapter.path)
+        patch = prepare(layer, strength, args.mode)
+        merged[key] = apply(patch, tensors[key])
         bias_key = key[: -len("weight")] + "bias"
         if patch.bias is not None:
-            tensors[bias_key] = merge_bias(tensors.get(bias_key), patch, args.strength)
+            merged[bias_key] = merge_bias(tensors.get(bias_key), patch, strength)
+        for out_key in (key, bias_key):
+            if out_key in merged and not all_finite(merged[out_key]):  # the bound is loose; this is exact
+                raise BoftError(f"{adapter.path}: layer {name}: at strength {strength:g} ({args.mode}) "
+                                f"the merged {out_key} is not finite; nothing was written.")
+    tensors.update(merged)
     try:
         save_file(tensors, args.out, metadata)
     except OSError as e:
         raise BoftError(f"{args.out}: cannot write: {e}") from None
-    print(f"merged {len(matched)} {adapter.format} layers at strength {args.strength:g} "
+    print(f"merged {len(matched)} {adapter.format} layers at strength {strength:g} "
           f"({args.mode}) into {args.out}")
     return 0
 
@@ -167,9 +178,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Exit codes: 0 done, 2 bad input (one ``error:`` line), 1 output closed early (``| head``),
+    70 an unexpected error (a bug: one ``error:`` line that says so, no traceback)."""
     args = build_parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # names and tags the terminal cannot show: escaped, not a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()
+        return code
     except BoftError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`inspect FILE | head`): stop quietly
+        _discard_stdout()
+        return 1
+    except Exception as e:  # a bug: say so in one line instead of a traceback
+        print(f"error: unexpected {type(e).__name__}: {_one_line(e)} (a bug in boft_core; please "
+              "report it with the command and the file)", file=sys.stderr)
+        return 70
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split("\n"))
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush does not fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (tests redirect stdout)
+        pass

@@ -344,8 +344,10 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
         raise BoftError(f"{path}: cannot read tensors: {e}") from None
 
 
-def load(path: str) -> BoftFile:
-    """Read a BOFT file (or PEFT adapter folder), detect its format and validate every layer."""
+def read_file(path: str) -> BoftFile:
+    """Read a BOFT file (or PEFT adapter folder), detect its format and validate every layer's
+    shapes and values. :func:`boft_core.load` (``guard.load``) also checks that every layer's
+    rotation can be computed; use that."""
     path, config_path = resolve_path(path)
     lowered = path.lower()
     if not lowered.endswith(".safetensors"):
@@ -470,7 +472,7 @@ def _vector(path: str, key: str, value: torch.Tensor, size: int | None, what: st
         raise BoftError(f"{path}: {key} has dtype {value.dtype}; expected a float tensor.")
     nontrivial = [d for d in value.shape if d != 1]
     flat_ok = len(nontrivial) <= 1 or (value.ndim == 3 and value.shape[-1] == 1)
-    if not flat_ok or (size is not None and value.numel() != size):
+    if not flat_ok or value.numel() == 0 or (size is not None and value.numel() != size):
         want = f"{size} values" if size is not None else "one value per channel"
         raise BoftError(
             f"{path}: {key} has shape {tuple(value.shape)}; expected {what} with {want}."
@@ -494,9 +496,10 @@ def lycoris_layer(path: str, name: str, parts: dict[str, torch.Tensor]) -> BoftL
     alpha = 0.0
     if parts.get("alpha") is not None:
         a = parts["alpha"]
-        if a.numel() != 1:
-            raise BoftError(f"{path}: {name}.alpha has shape {tuple(a.shape)}; expected a scalar.")
-        alpha = float(a.float().item())
+        if a.numel() != 1 or a.is_complex():
+            raise BoftError(f"{path}: {name}.alpha has shape {tuple(a.shape)} and dtype {a.dtype}; "
+                            "expected a real scalar.")
+        alpha = float(a.to(torch.float64).item())
     scale = None
     if parts.get("rescale") is not None:
         n = blocks.shape[1] * blocks.shape[2]
@@ -562,10 +565,17 @@ PARSERS = {"lycoris-boft": parse_lycoris, "peft-boft": parse_peft, "kohya-boft":
 def check_finite(path: str, layer: BoftLayer) -> None:
     parts = {"blocks": layer.blocks, "scale": layer.scale, "bias": layer.bias}
     for what, value in parts.items():
-        if value is not None and not torch.isfinite(value).all():
+        if value is not None and not all_finite(value):
             raise BoftError(
                 f"{path}: layer {layer.name}: its {what} tensor ({', '.join(layer.keys)}) contains "
                 "NaN or infinite values; the file is broken."
             )
-    if not torch.isfinite(torch.tensor(layer.alpha)):
+    if not math.isfinite(layer.alpha):
         raise BoftError(f"{path}: {layer.name}.alpha is not finite; the file is broken.")
+
+
+def all_finite(value: torch.Tensor) -> bool:
+    """Whether every value is finite; float8 (and other types isfinite lacks) checked in float32."""
+    if value.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        value = value.to(torch.float32)
+    return bool(torch.isfinite(value).all())

@@ -11,7 +11,7 @@ import comfy.utils
 import folder_paths
 import torch
 
-from ..boft_core import MODES, BoftError, BoftFile, check_weight, fused, load, read_header
+from ..boft_core import MODES, BoftError, BoftFile, check_merge, check_strength, check_weight, fused, load, read_header
 from ..boft_core.formats import resolve_path
 from ..boft_core.stats import TRIGGER_LIMIT, trigger_text
 from .adapter import BOFTAdapter, BOFTBiasAdapter
@@ -115,8 +115,17 @@ def _target_shape(root, key):
     return tuple(comfy.utils.get_attr(root, key).shape)
 
 
-def plan_patches(boft_file: BoftFile, model, clip, mode: str):
-    """Validated patches for model and clip, and a report of what was left out. Touches nothing."""
+def _target(root, key) -> torch.Tensor:
+    """The weight (or row slice of one) a key-map entry points at; a view, nothing is read."""
+    if isinstance(key, tuple):
+        return comfy.utils.get_attr(root, key[0]).narrow(*key[1])
+    return comfy.utils.get_attr(root, key)
+
+
+def plan_patches(boft_file: BoftFile, model, clip, mode: str, strength_model: float = 1.0,
+                 strength_clip: float = 1.0):
+    """Validated patches for model and clip, and a report of what was left out. Touches nothing:
+    every layer's shape and merged values (at its part's strength) are checked first."""
     unet_map, te_map = key_maps(model, clip)
     roots = {"model": model.model if model is not None else None,
              "clip": clip.cond_stage_model if clip is not None else None}
@@ -130,6 +139,8 @@ def plan_patches(boft_file: BoftFile, model, clip, mode: str):
         where, key = hit
         try:
             check_weight(layer, _target_shape(roots[where], key))
+            check_merge(layer, strength_model if where == "model" else strength_clip, mode,
+                        _target(roots[where], key))
         except BoftError as e:
             raise BoftError(f"{boft_file.path}: {e} (model key {key})") from None
         patches[where][key] = BOFTAdapter.from_layer(layer, mode)
@@ -149,6 +160,9 @@ def plan_patches(boft_file: BoftFile, model, clip, mode: str):
 def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, unique_id=None):
     if mode not in MODES:
         raise BoftError(f"unknown strength mode {mode!r}; expected one of {', '.join(MODES)}.")
+    # NaN passes ComfyUI's min/max check (every comparison with it is false)
+    strength_model = check_strength(strength_model, f"{boft_name}: strength_model")
+    strength_clip = check_strength(strength_clip, f"{boft_name}: strength_clip")
     if strength_model == 0 and strength_clip == 0:
         LAST_RUNS.record(unique_id, {"boft_name": boft_name, "applied": 0, "total": None, "not_applied": [],
                                      "report": "BOFT: strength 0, nothing applied."})
@@ -156,7 +170,8 @@ def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, uniq
     path = folder_paths.get_full_path_or_raise("loras", boft_name)
     boft_file = CACHE.get(path)
     use_clip = clip if (clip is not None and strength_clip != 0) else None
-    patches, missing = plan_patches(boft_file, model if strength_model != 0 else None, use_clip, mode)
+    patches, missing = plan_patches(boft_file, model if strength_model != 0 else None, use_clip, mode,
+                                    strength_model, strength_clip)
     new_model, new_clip = model, clip
     if patches["model"]:
         new_model = model.clone()
