@@ -16,11 +16,9 @@ Only names listed in the ``loras`` folders are read; uploaded names must be plai
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
-import struct
 import sys
 import threading
 import uuid
@@ -30,7 +28,7 @@ from aiohttp import web
 
 from ..boft_core import BoftError, read_header
 from ..boft_core.cli import describe
-from ..boft_core.formats import detect_format
+from ..boft_core.formats import MAX_HEADER, detect_format, parse_header
 from ..boft_core.stats import group_stats, layer_stats, summary, trigger_text
 from .keymap import guess_family
 from .loader import CACHE, LAST_RUNS
@@ -38,7 +36,6 @@ from .loader import CACHE, LAST_RUNS
 log = logging.getLogger("comfyui-boft")
 
 MAX_UPLOAD_ENV = "COMFYUI_BOFT_MAX_UPLOAD_MB"
-MAX_HEADER = 16 * 1024 * 1024  # a BOFT file's JSON header (keys + metadata) is far smaller
 BAD_CHARS = set('/\\:*?"<>|')
 
 
@@ -108,23 +105,10 @@ def file_info(name: str, path: str) -> dict:
 
 
 def header_from_bytes(name: str, raw: bytes, size: int) -> tuple[list[str], dict[str, str]]:
-    """Tensor keys and metadata from a file's first bytes, checked like ``read_header`` does."""
-    if len(raw) < 8 or size < 8:
-        raise BoftError(f"{name}: not a safetensors file (too short).")
-    (n,) = struct.unpack("<Q", raw[:8])
-    if n < 2 or 8 + n > size or n > MAX_HEADER:
-        raise BoftError(f"{name}: not a readable safetensors file (header length {n} does not fit the "
-                        f"file size {size}); only .safetensors BOFT files can be added.")
-    if len(raw) < 8 + n:
-        raise BoftError(f"{name}: only {len(raw)} bytes of its {8 + n}-byte header were sent.")
-    try:
-        header = json.loads(raw[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BoftError(f"{name}: corrupt safetensors header ({e}).") from None
-    if not isinstance(header, dict):
-        raise BoftError(f"{name}: corrupt safetensors header (not a JSON object).")
-    metadata = header.pop("__metadata__", None) or {}
-    return list(header), {str(k): str(v) for k, v in metadata.items()}
+    """Tensor keys and metadata from a file's first bytes, checked as ``read_header`` checks a file
+    (the one header reader: ``boft_core.formats.parse_header``)."""
+    header, metadata = parse_header(raw, size, name)
+    return list(header), metadata
 
 
 def _same_content(a: str, b: str) -> bool:
