@@ -700,6 +700,13 @@ def test_coverage_of_a_node_in_a_subgraph(view, server):
     both = call(server, "GET", "/boft/info", [("name", name), ("node", str(inner)), ("node", f"{outer}:{inner}")])[1]
     assert both["last_run"] == runs[f"{outer}:{inner}"]
     view.shot("13-subgraph", node_clip(view, inner))
+    # A second instance of the subgraph: the node then runs under two ids, and the panel asks for both.
+    ids, twin = page.evaluate("""async (id) => {
+        const { executionIds } = await import('/extensions/comfyui-boft/js/boft_common.js');
+        const twin = LiteGraph.createNode(app.graph.nodes.find((n) => n.isSubgraphNode?.()).type);
+        app.graph.add(twin);
+        return [executionIds(__boftTest.node(id)), twin.id]; }""", inner)
+    assert ids == [f"{outer}:{inner}", f"{twin}:{inner}"]
     page.evaluate("() => __boftTest.toRoot()")
 
 
