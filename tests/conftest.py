@@ -65,3 +65,8 @@ def sd15_clip_ckpt(tmp_path_factory, comfy):
 
     return tiny_models.make_sd15_checkpoint(tmp_path_factory.mktemp("ckpt_clip") / "tiny_sd15_clip.safetensors",
                                             with_clip=True)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true",
+                     help="tests/test_fuzz.py: run 100 000 cases (BOFT_FUZZ_CASES=N sets any number)")
