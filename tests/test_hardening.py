@@ -14,6 +14,9 @@ import os
 import struct
 import subprocess
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import numpy as np
 import pytest
@@ -419,3 +422,16 @@ def test_prompt_path_nan_strength_and_huge_values(server):
         assert error.get("exception_type", "").endswith("BoftError"), error
     assert np.array_equal(image("hard_good.safetensors", 1.0), before)
     assert np.array_equal(image("hard_good.safetensors", 0.0), plain)
+    # The info panel's route on the same files: our message or finite numbers, never NaN in JSON.
+    for name, _, message in cases[1:]:
+        status, body = http_get(server, "/boft/info?" + urllib.parse.urlencode({"name": name}))
+        answer = strict_json(body)
+        assert status == 200 or (status == 422 and message in answer["error"]), (name, status, answer)
+
+
+def http_get(server, path) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(server.url + path, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
