@@ -129,14 +129,14 @@ def mutate_header(data: bytes, rng: random.Random) -> bytes:
         key = rng.choice(keys)
         field = rng.choice(["dtype", "shape", "data_offsets", "extra"])
         if rng.random() < 0.2:
-            del header[key][field if field in header[key] else "dtype"]
+            header[key].pop(field, None)
             return _join(json.dumps(header), body, rng)
         return _join(_with_token(header, [key, field], rng.choice(TOKENS)), body, rng)
     if what < 0.6 and keys:  # one element of shape / data_offsets
         key = rng.choice(keys)
         field = rng.choice(["shape", "data_offsets"])
-        items = header[key][field]
-        if not items:
+        items = header[key].get(field)
+        if not isinstance(items, list) or not items:
             return _join(_with_token(header, [key, field], rng.choice(TOKENS)), body, rng)
         return _join(_with_token(header, [key, field, rng.randrange(len(items))], rng.choice(TOKENS)), body, rng)
     if what < 0.75:  # __metadata__
