@@ -66,6 +66,15 @@ def rotation_distance(layer: BoftLayer, probes: int = 32, seed: int = 0) -> floa
     return math.sqrt(float(diff.double().pow(2).sum()) / probes / n)
 
 
+def strip_prefix(name: str) -> str:
+    """``name`` without the trainers' prefixes (``lycoris_``, ``lora_unet_``, ``base_model.model.``, ...)."""
+    stem = name
+    for prefix in _PREFIXES:
+        if stem.startswith(prefix):
+            stem = stem[len(prefix):]
+    return stem
+
+
 def block_of(name: str) -> tuple[str, int | None]:
     """(section, level) of a layer name: ``("up", 1)`` for ``lora_unet_up_blocks_1_attentions_0_...``.
 
@@ -74,10 +83,7 @@ def block_of(name: str) -> tuple[str, int | None]:
     ``up_blocks``; an LDM block index maps to its resolution level, 3 blocks per level), ``double``
     / ``single`` (Flux), ``joint`` (SD3), else the first path component of the name.
     """
-    stem = name
-    for prefix in _PREFIXES:
-        if stem.startswith(prefix):
-            stem = stem[len(prefix):]
+    stem = strip_prefix(name)
     if _TE2.match(stem):
         return "text encoder 2", None
     if _TE.match(stem):

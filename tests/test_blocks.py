@@ -1,0 +1,163 @@
+"""boft_core.blocks against tables written from LoRA Block Weight's documentation.
+
+Source of the tables: hako-mikan/sd-webui-lora-block-weight, README "Weights Setting" (LoRA(17),
+SDXL LoRA(12), LyCORIS(26), SDXL LyCORIS(20)) and its default presets (DEF_WEIGHT_PRESET in
+scripts/lora_block_weight.py); ltdrdata/ComfyUI-Inspire-Pack resources/lbw-preset.txt (SDXL-*).
+"""
+
+import pytest
+
+from boft_core import BoftError
+from boft_core.blocks import describe, lbw_block, parse
+
+# README "Weights Setting", LoRA(17) and SDXL LoRA(12) (its "OUT0".."OUT05" are OUT00..OUT05)
+SD17 = "BASE IN01 IN02 IN04 IN05 IN07 IN08 MID OUT03 OUT04 OUT05 OUT06 OUT07 OUT08 OUT09 OUT10 OUT11".split()
+SDXL12 = "BASE IN04 IN05 IN07 IN08 MID OUT00 OUT01 OUT02 OUT03 OUT04 OUT05".split()
+# lora_block_weight.py DEF_WEIGHT_PRESET (17 values each)
+SD_PRESETS = {
+    "NONE": [0] * 17, "ALL": [1] * 17,
+    "INS": [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    "IND": [1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    "INALL": [1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    "MIDD": [1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
+    "OUTD": [1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0],
+    "OUTS": [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1],
+    "OUTALL": [1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+    "ALL0.5": [0.5] * 17,
+}
+SDXL_PRESETS = {  # Inspire Pack lbw-preset.txt
+    "SDXL-NONE": [0] * 12, "SDXL-ALL": [1] * 12, "SDXL-INALL": [1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0],
+    "SDXL-MIDALL": [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0], "SDXL-OUTALL": [1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1],
+}
+# One layer name per block, as trainers write them (kohya LDM/SGM names and diffusers paths).
+SD1_NAMES = {
+    "BASE": ["lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+             "text_encoder.text_model.encoder.layers.3.mlp.fc1"],
+    "IN01": ["lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q",
+             "lora_unet_down_blocks_0_attentions_0_proj_in"],
+    "IN02": ["lora_unet_input_blocks_2_1_proj_out", "unet.down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k"],
+    "IN04": ["lora_unet_input_blocks_4_1_proj_in", "lycoris_down_blocks_1_attentions_0_proj_in"],
+    "IN05": ["lora_unet_input_blocks_5_1_proj_in", "base_model.model.down_blocks.1.attentions.1.proj_in"],
+    "IN07": ["lora_unet_input_blocks_7_1_proj_in", "lora_unet_down_blocks_2_attentions_0_proj_in"],
+    "IN08": ["lora_unet_input_blocks_8_1_proj_in", "lora_unet_down_blocks_2_attentions_1_proj_in"],
+    "MID": ["lora_unet_middle_block_1_proj_in", "lora_unet_mid_block_attentions_0_proj_in"],
+    "OUT03": ["lora_unet_output_blocks_3_1_proj_in", "lora_unet_up_blocks_1_attentions_0_proj_in"],
+    "OUT05": ["lora_unet_output_blocks_5_1_proj_in", "lora_unet_up_blocks_1_attentions_2_proj_in"],
+    "OUT06": ["lora_unet_output_blocks_6_1_proj_in", "lora_unet_up_blocks_2_attentions_0_proj_in"],
+    "OUT11": ["lora_unet_output_blocks_11_1_proj_in", "lora_unet_up_blocks_3_attentions_2_proj_in"],
+}
+NOT_IN_17 = {  # blocks the 17-value vector leaves out: LBW gives them 0 (to26)
+    "IN00": "lora_unet_conv_in", "IN03": "lora_unet_down_blocks_0_downsamplers_0_conv",
+    "IN11": "lora_unet_input_blocks_11_0_in_layers_2", "OUT02": "lora_unet_up_blocks_0_upsamplers_0_conv",
+}
+IN_NO_BLOCK = ["lora_unet_time_embed_0", "lora_unet_time_embedding_linear_1", "lora_unet_out_2", "lora_unet_conv_out"]
+
+
+def vector(values):
+    return ",".join(str(v) for v in values)
+
+
+@pytest.mark.parametrize("block", SD1_NAMES)
+def test_sd1_names_map_to_the_documented_blocks(block):
+    want = "M00" if block == "MID" else block
+    for name in SD1_NAMES[block]:
+        assert lbw_block(name) == want, name
+    for block_id, name in NOT_IN_17.items():
+        assert lbw_block(name) == block_id
+    for name in IN_NO_BLOCK:
+        assert lbw_block(name) is None
+
+
+def test_each_position_of_the_17_vector_weighs_its_block():
+    for i, block in enumerate(SD17):
+        values = [0.0] * 17
+        values[i] = 0.25 + i
+        weights = parse(vector(values), "sd1")
+        for other, names in SD1_NAMES.items():
+            for name in names:
+                want = values[i] if other == block else 0.0
+                assert weights.weight(name) == want, (block, name)
+        assert all(weights.weight(n) == 0 for n in NOT_IN_17.values())
+        assert all(weights.weight(n) == 1 for n in IN_NO_BLOCK)
+
+
+def test_each_position_of_the_12_vector_weighs_its_block():
+    sdxl = {  # SDXL: 2 layers per level (input_blocks 4, 5, 7, 8; output_blocks 0-8)
+        "BASE": ["lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_te2_text_model_encoder_layers_0_mlp_fc1"],
+        "IN04": ["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                 "lora_unet_down_blocks_1_attentions_0_proj_in"],
+        "IN05": ["lora_unet_input_blocks_5_1_proj_in", "lora_unet_down_blocks_1_attentions_1_proj_in"],
+        "IN07": ["lora_unet_input_blocks_7_1_proj_in", "lora_unet_down_blocks_2_attentions_0_proj_in"],
+        "IN08": ["lora_unet_input_blocks_8_1_proj_in", "lora_unet_down_blocks_2_attentions_1_proj_in"],
+        "MID": ["lora_unet_middle_block_1_proj_in", "lora_unet_mid_block_attentions_0_proj_in"],
+        "OUT00": ["lora_unet_output_blocks_0_1_proj_in", "lora_unet_up_blocks_0_attentions_0_proj_in"],
+        "OUT02": ["lora_unet_output_blocks_2_1_proj_in", "lora_unet_up_blocks_0_attentions_2_proj_in"],
+        "OUT03": ["lora_unet_output_blocks_3_1_proj_in", "lora_unet_up_blocks_1_attentions_0_proj_in"],
+        "OUT05": ["lora_unet_output_blocks_5_1_proj_in", "lora_unet_up_blocks_1_attentions_2_proj_in"],
+    }
+    for i, block in enumerate(SDXL12):
+        values = [0.0] * 12
+        values[i] = 2.0 - i * 0.125
+        weights = parse(vector(values), "sdxl")
+        for other, names in sdxl.items():
+            for name in names:
+                assert weights.weight(name) == (values[i] if other == block else 0.0), (block, name)
+        assert weights.weight("lora_unet_output_blocks_6_1_proj_in") == 0  # OUT06: not in the 12
+
+
+@pytest.mark.parametrize(("family", "presets"), [("sd1", SD_PRESETS), ("sdxl", SDXL_PRESETS)])
+def test_presets_are_the_documented_vectors(family, presets):
+    order = SD17 if family == "sd1" else SDXL12
+    for name, values in presets.items():
+        for spelling in (name, name.lower(), name.removeprefix("SDXL-"), "SD-" + name if family == "sd1" else name):
+            weights = parse(spelling, family)
+            assert weights.kind == "preset" and list(weights.vector) == values, spelling
+            assert weights.ids == {("M00" if b == "MID" else b): float(v) for b, v in zip(order, values, strict=True)}
+    # a preset file's line "LABEL:values" is the same vector
+    first = next(iter(presets))
+    assert parse("MINE:" + vector(presets[first]), family).vector == parse(first, family).vector
+
+
+def test_named_blocks():
+    weights = parse("TE:0, IN:0.5, MID:1.5, OUT:-1, IN04=2", "sd1")
+    table = {SD1_NAMES["BASE"][0]: 0.0, SD1_NAMES["IN01"][1]: 0.5, SD1_NAMES["IN04"][0]: 2.0,
+             SD1_NAMES["IN04"][1]: 2.0, SD1_NAMES["MID"][0]: 1.5, SD1_NAMES["OUT11"][1]: -1.0,
+             "lora_unet_conv_in": 0.5, "lora_unet_time_embed_0": 0.5, "lora_unet_conv_out": -1.0}
+    for name, want in table.items():
+        assert weights.weight(name) == want, name
+    assert parse("mid:0", "sd1").weight(SD1_NAMES["IN01"][0]) == 1  # blocks not named stay at 1
+    assert parse("default:0, mid:0.5", "sd1").weight(SD1_NAMES["IN01"][0]) == 0
+    sdxl = parse("te1:0, te2:0.5, te:0.25, down:0.75, in:0.1", "sdxl")  # smaller groups win
+    assert sdxl.weight("lora_te1_text_model_encoder_layers_0_mlp_fc1") == 0
+    assert sdxl.weight("lora_te2_text_model_encoder_layers_0_mlp_fc1") == 0.5
+    assert sdxl.weight("lora_unet_input_blocks_4_1_proj_in") == 0.75
+    assert sdxl.weight("lora_unet_conv_in") == 0.1
+    flux = parse("double:1, single:0.6", "flux")
+    assert flux.weight("lora_unet_double_blocks_0_img_attn_qkv") == 1
+    assert flux.weight("transformer.single_transformer_blocks.3.proj_out") == 0.6
+    assert flux.weight("lora_unet_final_layer_linear") == 1
+    assert parse("", "sd1").weight("anything") == parse(None, "flux").weight("x") == 1
+    info = describe(parse("MIDD", "sd1"), [SD1_NAMES["IN01"][0], SD1_NAMES["MID"][0], "lora_unet_time_embed_0"])
+    assert info["blocks"] == [{"block": "IN01", "weight": 0.0}, {"block": "M00", "weight": 1.0},
+                              {"block": "in", "weight": 1.0}]
+
+
+@pytest.mark.parametrize(("text", "family", "problem", "accepts"), [
+    ("1,1,1", "sd1", "3 values", ["17 or 26", "BASE,IN01,IN02,IN04", "MIDD", "OUTALL", "TE, BASE"]),
+    (vector([1] * 17), "sdxl", "17 values", ["12 or 20", "BASE,IN04,IN05", "MIDALL", "TE2"]),
+    ("MIDD", "sdxl", "unknown preset 'MIDD'", ["INALL, MIDALL, OUTALL"]),
+    ("TEXT:0", "sd1", "unknown block name 'text'", ["TE, BASE, TE1, IN, DOWN, MID, OUT, UP", "block id"]),
+    ("IN09:1", "sdxl", "no block IN09", ["12 or 20"]),
+    ("double:1, joint:1", "flux", "unknown block name 'joint'", ["TE, double, single", "'double:1, single:0.6'"]),
+    (vector([1] * 17), "flux", "LoRA Block Weight vectors exist for SD1.x/SD2.x and SDXL only", ["double, single"]),
+    ("te:x", "sd1", "'x' is not a number", []),
+    ("te:nan", "sd1", "'nan' is not a finite number", []),
+    ("te:1, TE:0", "sd1", "'te' is given twice", []),
+])
+def test_errors_say_what_the_family_accepts(text, family, problem, accepts):
+    with pytest.raises(BoftError) as info:
+        parse(text, family)
+    message = str(info.value)
+    assert message.startswith(f"block_weights {text!r}: {problem}"), message
+    for part in accepts:
+        assert part in message, (part, message)
