@@ -18,8 +18,8 @@ What it keeps, and where:
   for layers the kernel does not take (input side, a blend, a non-identity patch function), the
   Patch and its fast-path blocks on that device. A miss copies from the host entry.
 
-So VRAM held by the cache stays within ``device_budget`` (default 256 MiB, 5% of SDXL's UNet
-in float16; the loader passes 5% of its model), and a layer evicted from the GPU costs one
+So VRAM held by the cache stays within ``device_budget`` (default 256 MB, 5% of SDXL's UNet
+in float16), and a layer evicted from the GPU costs one
 host-to-device copy, not a new Cayley solve and plan build. Evictions are logged (logger
 ``comfyui-boft``): the first of each cache at INFO, the rest at DEBUG.
 
@@ -40,7 +40,7 @@ import torch
 from . import fast, fused, merge
 from .formats import BoftLayer
 
-DEVICE_BUDGET = 256 << 20
+DEVICE_BUDGET = 256 * 10**6  # bytes: 5% of SDXL's UNet in float16 (5.13 GB)
 HOST_BUDGET = 4 << 30
 
 
@@ -57,6 +57,25 @@ class _Host:
     patch: merge.Patch  # CPU tensors
     plan: fused.FusedButterfly | None  # CPU (pinned) storage, scale folded; None: no kernel path
     nbytes: int
+
+
+def _to_host(tensors: list, pin=()) -> list:
+    """CPU copies of ``tensors`` (None and CPU tensors as they are), one transfer per underlying
+    storage: views of one storage (a group's layers prepared together) stay views of one copy.
+    Storages of the tensors whose ``id`` is in ``pin`` are pinned (fast, asynchronous copies back)."""
+    copies, out = {}, []
+    for t in tensors:
+        if t is None or t.device.type == "cpu":
+            out.append(t)
+            continue
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in copies:  # the whole storage as bytes, into (pinned) memory from torch's caching allocator
+            src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
+            copies[key] = torch.empty(src.shape, dtype=torch.uint8, pin_memory=id(t) in pin).copy_(src)
+        out.append(torch.empty(0, dtype=t.dtype).set_(copies[key].untyped_storage(), t.storage_offset(),
+                                                      t.size(), t.stride()))
+    return out
 
 
 def _nbytes(*tensors) -> int:
@@ -140,15 +159,20 @@ class PatchCache:
         dev = device_key(device)
         layers = [layer() for _, layer in todo]
         patches = merge.prepare_many(layers, strength, mode, dtype=dtype, device=dev)
-        for (token, _), patch in zip(todo, patches, strict=True):
+        built = [self._kernel_plan(patch, dev) for patch in patches]
+        # one device-to-host copy per group (its layers' tensors are views of one storage each)
+        tensors = [t for patch, plan in zip(patches, built, strict=True)
+                   for t in (patch.rotations, patch.scale, patch.bias, None if plan is None else plan.storage)]
+        host = _to_host(tensors, pin={id(plan.storage) for plan in built if plan is not None} if self.pin else ())
+        for i, ((token, _), patch, plan) in enumerate(zip(todo, patches, built, strict=True)):
             key = (token, float(strength), mode, dtype)
-            host, on_device = self._host_from(patch, dev)
-            self._host_put(key, host)
-            if on_device is not None and dev != "cpu":
-                size = _nbytes(on_device.storage)
+            entry = self._host_from(patch, dev, plan, host[4 * i:4 * i + 4])
+            self._host_put(key, entry)
+            if plan is not None and dev != "cpu":
+                size = _nbytes(plan.storage)
                 if self._held.get(dev, 0) + size <= self.device_budget:
-                    plan = host.plan.with_storage(on_device.storage.clone())  # not a view of the group's
-                    self._device_put(((key, dev, "plan")), plan, size)
+                    kept = entry.plan.with_storage(plan.storage.clone())  # not a view of the group's
+                    self._device_put(((key, dev, "plan")), kept, size)
         return len(todo)
 
     # --- accounting ---------------------------------------------------------------------------
@@ -181,33 +205,35 @@ class PatchCache:
             data.blocks = data.blocks.to(dev)
             data.scale = None if data.scale is None else data.scale.to(dev)
         patch = merge.prepare(data, strength, mode, dtype=dtype)
-        host, _ = self._host_from(patch, dev)
+        host = self._host_from(patch, dev, self._kernel_plan(patch, dev))
         self._host_put(key, host)
         return host
 
-    def _host_from(self, patch: merge.Patch, dev: str) -> tuple[_Host, fused.FusedButterfly | None]:
-        """The host entry of ``patch`` (on any device): CPU tensors, the CPU fast path's blocks
-        (CPU target), and for a CUDA target the kernel plan (built where the patch is, then
-        copied); also that plan as built (None if none)."""
-        self.counts["prepared"] += 1
-        cpu = torch.device("cpu")
-        def to(t):
-            return None if t is None else t.to(cpu)
-        host = merge.Patch(patch.name, patch.side, patch.layout, to(patch.rotations), to(patch.scale),
-                           patch.blend, to(patch.bias))
-        size = _nbytes(host.rotations, host.scale, host.bias)
-        plan = built = None
+    def _kernel_plan(self, patch: merge.Patch, dev: str) -> fused.FusedButterfly | None:
+        """The in-place kernel plan of ``patch`` (built where it is) if a CUDA target merges with it."""
         if dev.startswith("cuda") and patch.side == "out" and patch.blend is None \
                 and patch.rotations.dtype == torch.float32 and fused.available():
-            built = patch._plans.get("fused") or fused.FusedButterfly(patch.rotations, patch.layout, scale=patch.scale)
-            storage = built.storage.to(cpu)
-            if self.pin and torch.cuda.is_available():
-                storage = storage.pin_memory()
-            plan = built.with_storage(storage)
+            return patch.fused()
+        return None
+
+    def _host_from(self, patch: merge.Patch, dev: str, plan: fused.FusedButterfly | None = None,
+                   host: list | None = None) -> _Host:
+        """The host entry of ``patch`` (on any device): CPU tensors (``host``: copies of its rotations,
+        scale, bias and ``plan``'s storage made already), the CPU fast path's blocks (CPU target),
+        and ``plan`` (the kernel plan, for a CUDA target) over a pinned CPU copy of its storage."""
+        self.counts["prepared"] += 1
+        if host is None:
+            tensors = [patch.rotations, patch.scale, patch.bias, None if plan is None else plan.storage]
+            host = _to_host(tensors, pin={id(plan.storage)} if plan is not None and self.pin else ())
+        rotations, scale, bias, storage = host
+        entry = merge.Patch(patch.name, patch.side, patch.layout, rotations, scale, patch.blend, bias)
+        size = _nbytes(rotations, scale, bias)
+        if plan is not None:
+            plan = plan.with_storage(storage)
             size += _nbytes(storage)
         elif dev == "cpu":
-            size += _butterfly_bytes(host.butterfly())
-        return _Host(host, plan, size), built
+            size += _butterfly_bytes(entry.butterfly())
+        return _Host(entry, plan, size)
 
     def _host_put(self, key, host: _Host) -> None:
         old = self._host.pop(key, None)

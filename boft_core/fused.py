@@ -125,19 +125,20 @@ def _self_test(device) -> bool:
 
 class Run:
     """One run: ``count`` blocks of ``d x d`` at ``offset`` (elements) in a plan's storage, and the
-    rows they mix, ``idx`` (count, d) in the blocks' row order.
+    rows they mix, ``idx`` (count, d) in the blocks' row order (:meth:`idx_on` a device).
 
     ``geometry`` ``(inner, size, unit)``: ``idx[k, r] = (k // inner) * size * inner * unit
     + (r // unit) * inner * unit + (k % inner) * unit + r % unit`` (the run's axis of ``size``
     values sits above ``inner`` values of the later axes and ``unit`` rows), which the kernel
-    computes instead of loading ``idx``.
+    computes instead of loading ``idx``. A run holds no tensor but these indices, so plans of one
+    geometry share their runs whatever their storage's device.
     """
 
-    __slots__ = ("_idx", "offset", "count", "geometry", "d", "padded", "device")
+    __slots__ = ("_idx", "offset", "count", "geometry", "d", "padded")
 
-    def __init__(self, offset: int, count: int, d: int, geometry: tuple[int, int, int], device):
-        self._idx = None  # computed from the geometry when first needed (torch path only)
-        self.offset, self.count, self.d, self.geometry, self.device = offset, count, d, geometry, device
+    def __init__(self, offset: int, count: int, d: int, geometry: tuple[int, int, int]):
+        self._idx = {}  # device -> idx, computed from the geometry when first needed (torch path)
+        self.offset, self.count, self.d, self.geometry = offset, count, d, geometry
         self.padded = max(16, 1 << (d - 1).bit_length())  # tl.dot wants powers of two >= 16
 
     @property
@@ -146,13 +147,17 @@ class Run:
 
     @property
     def idx(self) -> torch.Tensor:
-        if self._idx is None:
+        return self.idx_on(torch.device("cpu"))
+
+    def idx_on(self, device) -> torch.Tensor:
+        idx = self._idx.get(device)
+        if idx is None:
             inner, size, unit = self.geometry
-            k = torch.arange(self.count, device=self.device).unsqueeze(1)
-            r = torch.arange(self.d, device=self.device).unsqueeze(0)
-            self._idx = ((k // inner) * (size * inner * unit) + (r // unit) * (inner * unit)
-                         + (k % inner) * unit + r % unit)
-        return self._idx
+            k = torch.arange(self.count, device=device).unsqueeze(1)
+            r = torch.arange(self.d, device=device).unsqueeze(0)
+            idx = self._idx[device] = ((k // inner) * (size * inner * unit) + (r // unit) * (inner * unit)
+                                       + (k % inner) * unit + r % unit)
+        return idx
 
 
 def _pack(blocks: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
@@ -221,8 +226,8 @@ class FusedButterfly:
         self.storage, offsets = _pack([blocks for blocks, _, _ in built])
         self.runs = []
         for (blocks, geometry, idx), off in zip(built, offsets, strict=True):
-            run = Run(off, blocks.shape[0], blocks.shape[1], geometry, device)
-            run._idx = idx
+            run = Run(off, blocks.shape[0], blocks.shape[1], geometry)
+            run._idx[idx.device] = idx
             self.runs.append(run)
         self._launch = {}  # launch key -> list of prepared launches; shared by with_storage copies
 
@@ -240,8 +245,6 @@ class FusedButterfly:
         other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)
         other.storage = storage
-        if storage.device != self.storage.device:
-            other.runs = [Run(r.offset, r.count, r.d, r.geometry, storage.device) for r in self.runs]
         return other
 
     def split(self, parts: int) -> list[FusedButterfly]:
@@ -255,7 +258,7 @@ class FusedButterfly:
         runs, blocks = [], []
         for j, run in enumerate(self.runs):
             count = run.count // parts
-            runs.append(Run(0, count, run.d, run.geometry, run.device))
+            runs.append(Run(0, count, run.d, run.geometry))
             blocks.append(self.blocks(j).view(parts, -1))
         per = [-(-b.shape[1] // 4) * 4 for b in blocks]
         storage = torch.zeros(parts, sum(per), dtype=self.storage.dtype, device=self.storage.device)
@@ -326,7 +329,7 @@ class FusedButterfly:
     def _torch_runs(self, flat: torch.Tensor) -> None:
         width = flat.shape[1]
         for j, run in enumerate(self.runs):
-            rows = run.idx.reshape(-1)
+            rows = run.idx_on(flat.device).reshape(-1)
             part = flat.index_select(0, rows).view(run.count, run.d, width)
             flat.index_copy_(0, rows, torch.bmm(self.blocks(j), part).view(self.n, width))
 
@@ -507,33 +510,34 @@ class _Launch:
 
     def _specialisation(self, args: list) -> tuple:
         """What Triton compiles a kernel for besides the constants: the pointers' dtypes and
-        16-byte alignment, the integers' divisibility by 16 (values of 1 never reach the kernel)."""
-        flags = tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a % 16 == 0
-                      for a in args)
+        16-byte alignment; the integers' value 1 (a constant then), divisibility by 16 and width."""
+        flags = tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+                      else (a == 1, a % 16 == 0, -2**31 <= a < 2**31) for a in args)
         return (self.kernel, tuple(self.consts.items()), self.num_warps, STAGES, args[0].device, flags)
 
     def __call__(self, src: torch.Tensor, dst: torch.Tensor, storage: torch.Tensor) -> None:
         args = [src, dst, storage[self.offset:self.offset + self.size], *self.ints]
         c = self.compiled
-        if c is None and _knobs.runtime.launch_enter_hook is None:
+        if c is None:
             # another plan's launch of the same specialisation (layers of one shape) already
             # compiled it: skip the JIT's binding, which costs more than the kernel here
             c = self.compiled = _COMPILED.get(self._specialisation(args))
-            if c is not None:
-                self.device, self.stream = (_driver.active.get_current_device,
-                                            _driver.active.get_current_stream)
-        if c is None or _knobs.runtime.launch_enter_hook is not None:
+        if c is None:
             # The JIT path: compiles on first use and returns the compiled kernel (None when
             # interpreted, TRITON_INTERPRET=1, which then stays on this path).
-            self.compiled = self.kernel[self.grid](*args, **self.consts, num_warps=self.num_warps,
-                                                   num_stages=STAGES)
-            if self.compiled is not None:
-                self.device, self.stream = (_driver.active.get_current_device,
-                                            _driver.active.get_current_stream)
-                _COMPILED[self._specialisation(args)] = self.compiled
+            compiled = self.kernel[self.grid](*args, **self.consts, num_warps=self.num_warps, num_stages=STAGES)
+            if compiled is not None:
+                self.compiled = _COMPILED[self._specialisation(args)] = compiled
             return
-        c.run(self.grid[0], self.grid[1], self.grid[2], self.stream(self.device()), c.function,
-              c.packed_metadata, None, None, None, *args, *self.consts.values())
+        stream = _driver.active.get_current_stream(_driver.active.get_current_device())
+        enter = _knobs.runtime.launch_enter_hook
+        if enter is None:
+            c.run(self.grid[0], self.grid[1], self.grid[2], stream, c.function, c.packed_metadata, None, None,
+                  None, *args, *self.consts.values())
+        else:  # hooks (a profiler, or a library that watches launches) get what the JIT gives them
+            meta = c.launch_metadata(self.grid, stream, *args, *self.consts.values())
+            c.run(self.grid[0], self.grid[1], self.grid[2], stream, c.function, c.packed_metadata, meta, enter,
+                  _knobs.runtime.launch_exit_hook, *args, *self.consts.values())
 
 
 def _run_launch(run: Run, cols: int, stride_in: int, stride_out: int, precision: str) -> _Launch:
