@@ -179,7 +179,7 @@ def preset_names(family: str) -> list[str]:
     return list(PRESETS.get(family, {}))
 
 
-def parse(text: str | None, family: str) -> BlockWeights:
+def parse_block_weights(text: str | None, family: str) -> BlockWeights:
     """Parse a ``block_weights`` string for ``family`` (``sd1``, ``sdxl``, ``flux``, ``sd3``,
     ``other``). BoftError, naming what the family accepts, on a wrong length or an unknown name."""
     text = (text or "").strip()
@@ -243,7 +243,7 @@ def _named(text: str, family: str, items: list[str]) -> BlockWeights:
     return BlockWeights(text, family, "named", ids=ids, sections=sections, default=default)
 
 
-def describe(weights: BlockWeights, names) -> dict:
+def describe_weights(weights: BlockWeights, names) -> dict:
     """For the panel: each layer's weight, and the weight of each block the file has (in order)."""
     layers = {name: weights.weight(name) for name in names}
     blocks: dict[str, float] = {}

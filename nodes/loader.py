@@ -12,6 +12,7 @@ import folder_paths
 import torch
 
 from ..boft_core import MODES, BoftError, BoftFile, check_merge, check_strength, check_weight, fused, load, read_header
+from ..boft_core.blocks import BlockWeights, family_of, parse_block_weights
 from ..boft_core.formats import resolve_path
 from ..boft_core.stats import TRIGGER_LIMIT, trigger_text
 from .adapter import BOFTAdapter, BOFTBiasAdapter
@@ -28,6 +29,13 @@ MODE_TOOLTIP = (
     "Strength mode. lycoris (default) matches LyCORIS/kohya merges; linear matches LyCORIS's precise "
     "merge and A1111; orthogonal keeps every butterfly stage a rotation at any strength. All three "
     "agree at strength 1."
+)
+BLOCK_WEIGHTS_TOOLTIP = (
+    "Strength per model block: a layer gets strength x its block's weight, in the chosen mode. Empty: every "
+    "block at 1. A LoRA Block Weight vector (SD1.5: 17 values BASE,IN01,IN02,IN04,IN05,IN07,IN08,MID,"
+    "OUT03-OUT11; SDXL: 12 values BASE,IN04,IN05,IN07,IN08,MID,OUT00-OUT05), a preset name (ALL, MIDD, "
+    "OUTALL, ...), or named blocks: TE:0, IN:0.5, MID:1, OUT:1 (Flux: double:1, single:0.6). Weight 0 leaves "
+    "a block untouched."
 )
 
 
@@ -122,14 +130,31 @@ def _target(root, key) -> torch.Tensor:
     return comfy.utils.get_attr(root, key)
 
 
+def model_family(model, boft_file: BoftFile | None = None) -> str:
+    """The model's family for ``block_weights`` (``sd1``, ``sdxl``, ``flux``, ``sd3``, ``other``), from
+    ComfyUI's detected model config (SSD-1B, Vega and KOALA are SDXL subclasses); without a model,
+    what the file's layer names suggest."""
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    names = {cls.__name__ for cls in type(config).__mro__} if config is not None else set()
+    for family, classes in (("sdxl", {"SDXL", "SDXLRefiner"}), ("sd1", {"SD15", "SD20"}), ("flux", {"Flux"}),
+                            ("sd3", {"SD3"})):
+        if names & classes:
+            return family
+    if config is None and boft_file is not None:
+        return family_of(guess_family(boft_file.layers))
+    return "other"
+
+
 def plan_patches(boft_file: BoftFile, model, clip, mode: str, strength_model: float = 1.0,
-                 strength_clip: float = 1.0):
-    """Validated patches for model and clip, and a report of what was left out. Touches nothing:
-    every layer's shape and merged values (at its part's strength) are checked first."""
+                 strength_clip: float = 1.0, weights: BlockWeights | None = None):
+    """Validated patches for model and clip, each layer's strength (its part's strength x its
+    block's weight), and the layers left out. Touches nothing: every layer's shape and merged
+    values (at its own strength) are checked first. A layer at strength 0 gets no patch."""
     unet_map, te_map = key_maps(model, clip)
     roots = {"model": model.model if model is not None else None,
              "clip": clip.cond_stage_model if clip is not None else None}
     patches = {"model": {}, "clip": {}}
+    strengths = {"model": {}, "clip": {}}
     missing = []
     for name, layer in boft_file.layers.items():
         hit = resolve(name, unet_map, te_map)
@@ -137,15 +162,21 @@ def plan_patches(boft_file: BoftFile, model, clip, mode: str, strength_model: fl
             missing.append(name)
             continue
         where, key = hit
+        strength = (strength_model if where == "model" else strength_clip) * (
+            weights.weight(name) if weights is not None else 1.0)
+        if strength == 0:
+            continue  # block weight 0: the block stays as it is (as strength 0 does for the whole node)
         try:
             check_weight(layer, _target_shape(roots[where], key))
-            check_merge(layer, strength_model if where == "model" else strength_clip, mode,
-                        _target(roots[where], key))
+            check_merge(layer, strength, mode, _target(roots[where], key))
         except BoftError as e:
             raise BoftError(f"{boft_file.path}: {e} (model key {key})") from None
         patches[where][key] = BOFTAdapter.from_layer(layer, mode)
+        strengths[where][key] = strength
         if layer.bias is not None and isinstance(key, str) and key.endswith(".weight"):
-            patches[where][key[: -len("weight")] + "bias"] = BOFTBiasAdapter(set(), (layer.bias,))
+            bias_key = key[: -len("weight")] + "bias"
+            patches[where][bias_key] = BOFTBiasAdapter(set(), (layer.bias,))
+            strengths[where][bias_key] = strength
     if not patches["model"] and not patches["clip"]:
         family = guess_family(boft_file.layers)
         sample = ", ".join(list(boft_file.layers)[:3])
@@ -154,15 +185,24 @@ def plan_patches(boft_file: BoftFile, model, clip, mode: str, strength_model: fl
             f"this {'model' if clip is None else 'model or text encoder'}. The adapter likely "
             f"belongs to another base model: its layer names suggest {family}."
         )
-    return patches, missing
+    return patches, strengths, missing
 
 
-def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, unique_id=None):
+def by_strength(patches: dict, strengths: dict) -> dict[float, dict]:
+    """``{strength: {key: patch}}``: ComfyUI's add_patches takes one strength per call."""
+    groups: dict[float, dict] = {}
+    for key, patch in patches.items():
+        groups.setdefault(strengths[key], {})[key] = patch
+    return groups
+
+
+def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, unique_id=None, block_weights=""):
     if mode not in MODES:
         raise BoftError(f"unknown strength mode {mode!r}; expected one of {', '.join(MODES)}.")
     # NaN passes ComfyUI's min/max check (every comparison with it is false)
     strength_model = check_strength(strength_model, f"{boft_name}: strength_model")
     strength_clip = check_strength(strength_clip, f"{boft_name}: strength_clip")
+    weights = parse_block_weights(block_weights, model_family(model)) if (block_weights or "").strip() else None
     if strength_model == 0 and strength_clip == 0:
         LAST_RUNS.record(unique_id, {"boft_name": boft_name, "applied": 0, "total": None, "not_applied": [],
                                      "report": "BOFT: strength 0, nothing applied."})
@@ -170,25 +210,31 @@ def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, uniq
     path = folder_paths.get_full_path_or_raise("loras", boft_name)
     boft_file = CACHE.get(path)
     use_clip = clip if (clip is not None and strength_clip != 0) else None
-    patches, missing = plan_patches(boft_file, model if strength_model != 0 else None, use_clip, mode,
-                                    strength_model, strength_clip)
+    patches, strengths, missing = plan_patches(boft_file, model if strength_model != 0 else None, use_clip,
+                                               mode, strength_model, strength_clip, weights)
     new_model, new_clip = model, clip
     if patches["model"]:
         new_model = model.clone()
-        new_model.add_patches(patches["model"], strength_model)
         device = getattr(model, "load_device", None)
-        if device is not None and torch.device(device).type == "cuda" and fused.available():
-            # one batched setup for every layer now, instead of per layer while ComfyUI patches
-            BOFTAdapter.prepare_all([p for p in patches["model"].values() if isinstance(p, BOFTAdapter)],
-                                    strength_model, torch.device(device))
+        for strength, group in by_strength(patches["model"], strengths["model"]).items():
+            new_model.add_patches(group, strength)
+            if device is not None and torch.device(device).type == "cuda" and fused.available():
+                # one batched setup for every layer now, instead of per layer while ComfyUI patches
+                BOFTAdapter.prepare_all([p for p in group.values() if isinstance(p, BOFTAdapter)],
+                                        strength, torch.device(device))
     if patches["clip"]:
         new_clip = clip.clone()
-        new_clip.add_patches(patches["clip"], strength_clip)
+        for strength, group in by_strength(patches["clip"], strengths["clip"]).items():
+            new_clip.add_patches(group, strength)
     applied = sum(isinstance(p, BOFTAdapter) for group in patches.values() for p in group.values())
     report = (f"BOFT {os.path.basename(boft_name)} ({boft_file.format}, {mode}): applied "
               f"{applied} of {len(boft_file.layers)} layers")
     report += f" (model {sum(isinstance(p, BOFTAdapter) for p in patches['model'].values())}"
     report += f", clip {sum(isinstance(p, BOFTAdapter) for p in patches['clip'].values())})."
+    if weights is not None:
+        off = len(boft_file.layers) - applied - len(missing)
+        report += f" block_weights {weights.text!r}"
+        report += f": {off} layers at weight 0, left as they are." if off else "."
     if missing:
         why = "no such layer in this model"
         if clip is None or strength_clip == 0 or strength_model == 0:
@@ -216,7 +262,8 @@ def _inputs(with_clip: bool) -> dict:
     if with_clip:
         required["strength_clip"] = ("FLOAT", dict(strength))
     required["mode"] = (list(MODES), {"default": "lycoris", "tooltip": MODE_TOOLTIP})
-    return {"required": required, "hidden": {"unique_id": "UNIQUE_ID"}}
+    optional = {"block_weights": ("STRING", {"default": "", "multiline": False, "tooltip": BLOCK_WEIGHTS_TOOLTIP})}
+    return {"required": required, "optional": optional, "hidden": {"unique_id": "UNIQUE_ID"}}
 
 
 def _host_category() -> str:
@@ -253,9 +300,10 @@ class BOFTLoader(_Loader):
     OUTPUT_TOOLTIPS = ("The patched diffusion model.", "The patched text encoder.", TRIGGER_TOOLTIP)
     DESCRIPTION = "Apply a BOFT (butterfly orthogonal fine-tuning) adapter to a model and its text encoder."
 
-    def load_boft(self, model, clip, boft_name, strength_model, strength_clip, mode="lycoris", unique_id=None):
+    def load_boft(self, model, clip, boft_name, strength_model, strength_clip, mode="lycoris", unique_id=None,
+                  block_weights=""):
         new_model, new_clip, report = apply_boft(model, clip, boft_name, strength_model, strength_clip,
-                                                 mode, unique_id)
+                                                 mode, unique_id, block_weights)
         return {"ui": {"boft_report": [report]}, "result": (new_model, new_clip, trigger_words_of(boft_name))}
 
 
@@ -269,6 +317,7 @@ class BOFTLoaderModelOnly(_Loader):
     OUTPUT_TOOLTIPS = ("The patched diffusion model.", TRIGGER_TOOLTIP)
     DESCRIPTION = "Apply a BOFT (butterfly orthogonal fine-tuning) adapter to a diffusion model."
 
-    def load_boft(self, model, boft_name, strength_model, mode="lycoris", unique_id=None):
-        new_model, _, report = apply_boft(model, None, boft_name, strength_model, 0.0, mode, unique_id)
+    def load_boft(self, model, boft_name, strength_model, mode="lycoris", unique_id=None, block_weights=""):
+        new_model, _, report = apply_boft(model, None, boft_name, strength_model, 0.0, mode, unique_id,
+                                          block_weights)
         return {"ui": {"boft_report": [report]}, "result": (new_model, trigger_words_of(boft_name))}

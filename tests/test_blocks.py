@@ -6,9 +6,13 @@ scripts/lora_block_weight.py); ltdrdata/ComfyUI-Inspire-Pack resources/lbw-prese
 """
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from test_nodes import comfy_nodes_lora, load_model, lycoris_prefix, patched_state, rel, unet_adapter  # noqa: F401
 
+import boft_core
 from boft_core import BoftError
-from boft_core.blocks import describe, lbw_block, parse
+from boft_core.blocks import LBW26, describe_weights, lbw_block, parse_block_weights
 
 # README "Weights Setting", LoRA(17) and SDXL LoRA(12) (its "OUT0".."OUT05" are OUT00..OUT05)
 SD17 = "BASE IN01 IN02 IN04 IN05 IN07 IN08 MID OUT03 OUT04 OUT05 OUT06 OUT07 OUT08 OUT09 OUT10 OUT11".split()
@@ -72,7 +76,7 @@ def test_each_position_of_the_17_vector_weighs_its_block():
     for i, block in enumerate(SD17):
         values = [0.0] * 17
         values[i] = 0.25 + i
-        weights = parse(vector(values), "sd1")
+        weights = parse_block_weights(vector(values), "sd1")
         for other, names in SD1_NAMES.items():
             for name in names:
                 want = values[i] if other == block else 0.0
@@ -98,7 +102,7 @@ def test_each_position_of_the_12_vector_weighs_its_block():
     for i, block in enumerate(SDXL12):
         values = [0.0] * 12
         values[i] = 2.0 - i * 0.125
-        weights = parse(vector(values), "sdxl")
+        weights = parse_block_weights(vector(values), "sdxl")
         for other, names in sdxl.items():
             for name in names:
                 assert weights.weight(name) == (values[i] if other == block else 0.0), (block, name)
@@ -110,34 +114,36 @@ def test_presets_are_the_documented_vectors(family, presets):
     order = SD17 if family == "sd1" else SDXL12
     for name, values in presets.items():
         for spelling in (name, name.lower(), name.removeprefix("SDXL-"), "SD-" + name if family == "sd1" else name):
-            weights = parse(spelling, family)
+            weights = parse_block_weights(spelling, family)
             assert weights.kind == "preset" and list(weights.vector) == values, spelling
             assert weights.ids == {("M00" if b == "MID" else b): float(v) for b, v in zip(order, values, strict=True)}
     # a preset file's line "LABEL:values" is the same vector
     first = next(iter(presets))
-    assert parse("MINE:" + vector(presets[first]), family).vector == parse(first, family).vector
+    labelled = parse_block_weights("MINE:" + vector(presets[first]), family)
+    assert labelled.vector == parse_block_weights(first, family).vector
 
 
 def test_named_blocks():
-    weights = parse("TE:0, IN:0.5, MID:1.5, OUT:-1, IN04=2", "sd1")
+    weights = parse_block_weights("TE:0, IN:0.5, MID:1.5, OUT:-1, IN04=2", "sd1")
     table = {SD1_NAMES["BASE"][0]: 0.0, SD1_NAMES["IN01"][1]: 0.5, SD1_NAMES["IN04"][0]: 2.0,
              SD1_NAMES["IN04"][1]: 2.0, SD1_NAMES["MID"][0]: 1.5, SD1_NAMES["OUT11"][1]: -1.0,
              "lora_unet_conv_in": 0.5, "lora_unet_time_embed_0": 0.5, "lora_unet_conv_out": -1.0}
     for name, want in table.items():
         assert weights.weight(name) == want, name
-    assert parse("mid:0", "sd1").weight(SD1_NAMES["IN01"][0]) == 1  # blocks not named stay at 1
-    assert parse("default:0, mid:0.5", "sd1").weight(SD1_NAMES["IN01"][0]) == 0
-    sdxl = parse("te1:0, te2:0.5, te:0.25, down:0.75, in:0.1", "sdxl")  # smaller groups win
+    assert parse_block_weights("mid:0", "sd1").weight(SD1_NAMES["IN01"][0]) == 1  # blocks not named stay at 1
+    assert parse_block_weights("default:0, mid:0.5", "sd1").weight(SD1_NAMES["IN01"][0]) == 0
+    sdxl = parse_block_weights("te1:0, te2:0.5, te:0.25, down:0.75, in:0.1", "sdxl")  # smaller groups win
     assert sdxl.weight("lora_te1_text_model_encoder_layers_0_mlp_fc1") == 0
     assert sdxl.weight("lora_te2_text_model_encoder_layers_0_mlp_fc1") == 0.5
     assert sdxl.weight("lora_unet_input_blocks_4_1_proj_in") == 0.75
     assert sdxl.weight("lora_unet_conv_in") == 0.1
-    flux = parse("double:1, single:0.6", "flux")
+    flux = parse_block_weights("double:1, single:0.6", "flux")
     assert flux.weight("lora_unet_double_blocks_0_img_attn_qkv") == 1
     assert flux.weight("transformer.single_transformer_blocks.3.proj_out") == 0.6
     assert flux.weight("lora_unet_final_layer_linear") == 1
-    assert parse("", "sd1").weight("anything") == parse(None, "flux").weight("x") == 1
-    info = describe(parse("MIDD", "sd1"), [SD1_NAMES["IN01"][0], SD1_NAMES["MID"][0], "lora_unet_time_embed_0"])
+    assert parse_block_weights("", "sd1").weight("anything") == parse_block_weights(None, "flux").weight("x") == 1
+    names = [SD1_NAMES["IN01"][0], SD1_NAMES["MID"][0], "lora_unet_time_embed_0"]
+    info = describe_weights(parse_block_weights("MIDD", "sd1"), names)
     assert info["blocks"] == [{"block": "IN01", "weight": 0.0}, {"block": "M00", "weight": 1.0},
                               {"block": "in", "weight": 1.0}]
 
@@ -156,8 +162,96 @@ def test_named_blocks():
 ])
 def test_errors_say_what_the_family_accepts(text, family, problem, accepts):
     with pytest.raises(BoftError) as info:
-        parse(text, family)
+        parse_block_weights(text, family)
     message = str(info.value)
     assert message.startswith(f"block_weights {text!r}: {problem}"), message
     for part in accepts:
         assert part in message, (part, message)
+
+
+# --------------------------------------------------------------------------- in the real host
+# The loader nodes in ComfyUI's own ModelPatcher (in process): every layer equals the merge at its
+# own strength (strength x its block's weight) in the chosen mode; a block at weight 0 is untouched.
+SD26 = {"BASE": 1.0, "IN00": 0.5, "IN01": -0.5, "OUT00": 1.5, "OUT01": 0.0}  # the tiny SD1.5 UNet's blocks
+
+
+@pytest.mark.usefixtures("lycoris_prefix")
+def test_every_layer_is_merged_at_its_own_strength(comfy, pack, sd15_ckpt, loras_dir):
+    model = load_model(comfy, sd15_ckpt)
+    base = {k: v.clone().float() for k, v in model.model.diffusion_model.state_dict().items()}
+    path = loras_dir / "blocks_boft.safetensors"
+    unet_adapter(path, comfy, model, rescaled=True, constraint=0.001)
+    adapter = boft_core.load(str(path))
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    vector = ",".join(str(SD26.get(block, 0.0)) for block in LBW26)
+    node = pack.NODE_CLASS_MAPPINGS["BOFTLoaderModelOnly"]()
+    seen = set()
+    for mode, strength, text in (("lycoris", 0.8, vector), ("linear", 0.8, vector), ("orthogonal", -1.2, vector),
+                                 ("lycoris", 0.7, "IN:0.5, OUT01:2, default:0")):
+        weights = parse_block_weights(text, "sd1")
+        out = node.load_boft(model, path.name, strength, mode, block_weights=text)
+        report = out["ui"]["boft_report"][0]
+        off = sum(weights.weight(name) == 0 for name in adapter.layers)
+        assert f"applied {51 - off} of 51" in report and (f"{off} layers at weight 0" in report) == (off > 0), report
+        got = patched_state(comfy, out["result"][0])
+        for name, layer in adapter.layers.items():
+            key = key_map[name][len("diffusion_model."):]
+            w = weights.weight(name)
+            seen.add((lbw_block(name), w))
+            if w == 0:
+                assert torch.equal(got[key], base[key]), name
+            else:
+                want = boft_core.merge_weight(base[key].double(), layer, strength * w, mode)
+                assert rel(got[key], want, base[key]) < 1e-4, (mode, name)
+    assert {w for _, w in seen} >= {0.5, -0.5, 1.5, 0.0, 1.0, 2.0}  # every kind of block weight was exercised
+    assert not model.patches
+
+
+@pytest.mark.usefixtures("lycoris_prefix")
+def test_chained_with_a_lora_per_block(comfy, pack, sd15_ckpt, loras_dir):
+    """LoRA then BOFT: W' = B(s·w)(W + s_l·ΔW); BOFT then LoRA: W' = B(s·w)W + s_l·ΔW, per layer."""
+    import tiny_models
+
+    model = load_model(comfy, sd15_ckpt)
+    lora_path = loras_dir / "blocks_chain_lora.safetensors"
+    chosen = tiny_models.make_kohya_lora(lora_path, sd15_ckpt, diffusers_names=False)
+    boft_path = loras_dir / "blocks_chain_boft.safetensors"
+    unet_adapter(boft_path, comfy, model)
+    adapter = boft_core.load(str(boft_path))
+    lora = load_file(str(lora_path))
+    base = {k: v.clone().float() for k, v in model.model.diffusion_model.state_dict().items()}
+    s_boft, s_lora, text = 0.8, 0.6, "IN:0.5, OUT:1.5"
+    weights = parse_block_weights(text, "sd1")
+    boft_node, lora_node = pack.NODE_CLASS_MAPPINGS["BOFTLoaderModelOnly"](), comfy_nodes_lora()
+    lora_first = boft_node.load_boft(lora_node.load_lora_model_only(model, lora_path.name, s_lora)[0],
+                                     boft_path.name, s_boft, "lycoris", block_weights=text)["result"][0]
+    boft_first = lora_node.load_lora_model_only(
+        boft_node.load_boft(model, boft_path.name, s_boft, "lycoris", block_weights=text)["result"][0],
+        lora_path.name, s_lora)[0]
+    got_a, got_b = patched_state(comfy, lora_first), patched_state(comfy, boft_first)
+    for name, key in chosen.items():
+        k, layer, w = key[len("diffusion_model."):], adapter.layers[name], base[key[len("diffusion_model."):]].double()
+        up, down = lora[f"{name}.lora_up.weight"].double(), lora[f"{name}.lora_down.weight"].double()
+        delta = s_lora * float(lora[f"{name}.alpha"]) / down.shape[0] * (up @ down)
+        s = s_boft * weights.weight(name)
+        assert weights.weight(name) in (0.5, 1.5)
+        assert rel(got_a[k], boft_core.merge_weight(w + delta, layer, s), w) < 1e-4, name
+        assert rel(got_b[k], boft_core.merge_weight(w, layer, s) + delta, w) < 1e-4, name
+
+
+@pytest.mark.usefixtures("lycoris_prefix")
+def test_wrong_block_weights_fail_before_anything_is_patched(comfy, pack, sd15_ckpt, loras_dir):
+    from importlib import import_module
+
+    error = import_module(pack.__name__ + ".boft_core").BoftError
+    model = load_model(comfy, sd15_ckpt)
+    path = loras_dir / "blocks_bad.safetensors"
+    unet_adapter(path, comfy, model)
+    node = pack.NODE_CLASS_MAPPINGS["BOFTLoaderModelOnly"]()
+    for text, message in (("1,1,1,1,1,1,1,1,1,1,1,1", r"12 values\. For SD1\.x/SD2\.x models it accepts .*17 or 26"),
+                          ("SDXL-OUTALL", r"unknown preset 'SDXL-OUTALL'.*MIDD"),
+                          ("double:1", r"unknown block name 'double'.*TE, BASE")):
+        for strength in (1.0, 0.0):  # a wrong string is an error even where nothing would be applied
+            with pytest.raises(error, match=message):
+                node.load_boft(model, path.name, strength, "lycoris", block_weights=text)
+    assert not model.patches
