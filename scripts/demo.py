@@ -89,7 +89,8 @@ def api_prompt(workflow: dict, object_info: dict) -> dict:
             raise ValueError(f"node {node['id']} ({node['type']}) is muted or bypassed; unmute it")
         linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
         values = iter(node.get("widgets_values") or [])
-        spec = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        optional = info["input"].get("optional", {})
+        spec = {**info["input"].get("required", {}), **optional}
         inputs = {}
         for name, (kind, *rest) in spec.items():
             options = rest[0] if rest else {}
@@ -98,7 +99,9 @@ def api_prompt(workflow: dict, object_info: dict) -> dict:
                 try:
                     value = next(values)
                 except StopIteration:
-                    raise ValueError(f"node {node['id']} ({node['type']}): no widget value for {name!r}") from None
+                    if name not in optional:
+                        raise ValueError(f"node {node['id']} ({node['type']}): no widget value for {name!r}") from None
+                    value = options.get("default", "")  # saved before the input existed: its default
                 if options.get("control_after_generate"):
                     next(values, None)
             if name in linked:

@@ -28,6 +28,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import boft_core
+from boft_core.blocks import parse_block_weights
 
 CKPT = "e2e_sd15.safetensors"
 SDXL_COND = "boft_zero_conditioning_sdxl"
@@ -289,6 +290,44 @@ def test_lora_before_and_after_boft(server, sd15, loras, comfy):
     assert "lora key not loaded" not in server.log_text()
 
 
+def test_block_weights_equal_a_checkpoint_merged_per_block(server, sd15, loras):
+    """BOFTLoaderModelOnly with block_weights == the checkpoint where LyCORIS merged each layer at
+    strength x its block's weight (a block at weight 0 keeps its weights)."""
+    name = "e2e_blocks.safetensors"
+    write_boft(loras / name, sd15.unet, "lora_unet", rescaled=True, constraint=0.01, seed=12)
+    adapter = boft_core.load(str(loras / name))
+    strength, text = 0.8, "IN:0.5, OUT01:0, default:1.25"
+    weights = parse_block_weights(text, "sd1")
+    merged = {w: lycoris_merge(loras / name, sd15.unet, "lora_unet", strength * w) for w in (0.5, 1.25)}
+    replaced, used = {}, set()
+    for key in sd15.unet_sd:
+        layer = "lora_unet_" + key.rsplit(".", 1)[0].replace(".", "_")
+        if key.endswith(".weight") and layer in adapter.layers:
+            w = weights.weight(layer)
+            used.add(w)
+            if w:
+                replaced[UNET_PREFIX + key] = merged[w][key]
+    assert used == {0.0, 0.5, 1.25}, used
+    write_checkpoint(sd15.path, server.models / "checkpoints" / "e2e_blocks_merged.safetensors", replaced)
+
+    def patch(model_ref):
+        node = {"class_type": "BOFTLoaderModelOnly", "inputs": {
+            "model": model_ref, "boft_name": name, "strength_model": strength, "mode": "lycoris",
+            "block_weights": text}}
+        return {"boft": node}, ["boft", 0]
+
+    got, history = run_image(server, tiny_models.sd15_workflow(CKPT, seed=SEED, patch_model=patch))
+    assert_same(got, render(server, "e2e_blocks_merged.safetensors"), "block_weights")
+    assert_changed(got, render(server, CKPT, patch_model=boft(name, strength)), "block_weights")
+    with pytest.raises(ComfyError) as info:  # a vector of SDXL's length on an SD1.5 model
+        server.run(tiny_models.sd15_workflow(CKPT, seed=SEED, patch_model=lambda ref: (
+            {"boft": {"class_type": "BOFTLoaderModelOnly", "inputs": {
+                "model": ref, "boft_name": name, "strength_model": 1.0, "mode": "lycoris",
+                "block_weights": ",".join(["1"] * 12)}}}, ["boft", 0])))
+    message = info.value.data["exception_message"]
+    assert "12 values. For SD1.x/SD2.x models it accepts" in message and "17 or 26" in message, message
+
+
 def test_example_workflow_is_served_and_runs_as_the_front_end_would(server):
     """example_workflows/boft_demo.json is a UI-format template ComfyUI serves for this pack; the
     real front end (headless Chromium) loads it and queues exactly the API prompt that the demo's
@@ -302,7 +341,7 @@ def test_example_workflow_is_served_and_runs_as_the_front_end_would(server):
     prompt = demo.api_prompt(workflow, server.object_info())
     assert prompt["2"] == {"class_type": "BOFTLoader", "inputs": {
         "model": ["1", 0], "clip": ["1", 1], "boft_name": demo.BOFT, "strength_model": 1.0,
-        "strength_clip": 1.0, "mode": "lycoris"}}
+        "strength_clip": 1.0, "mode": "lycoris", "block_weights": ""}}
     assert prompt["3"]["inputs"]["clip"] == ["2", 1] and prompt["6"]["inputs"]["model"] == ["2", 0]
 
     chromium = shutil.which(os.environ.get("BOFT_CHROMIUM") or "chromium")
