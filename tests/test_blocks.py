@@ -255,3 +255,50 @@ def test_wrong_block_weights_fail_before_anything_is_patched(comfy, pack, sd15_c
             with pytest.raises(error, match=message):
                 node.load_boft(model, path.name, strength, "lycoris", block_weights=text)
     assert not model.patches
+
+
+@pytest.mark.usefixtures("lycoris_prefix")
+def test_inspire_lora_loader_block_weight_path(comfy, pack, sd15_ckpt, loras_dir):
+    """Inspire Pack's LoraLoaderBlockWeight with a BOFT file, in process, with the calls it makes
+    (inspire/lora_block_weight.py ``load_lbw`` + ``load_lora_for_models``): core's key maps,
+    ``comfy.lora.load_lora`` (which hands ``oft_blocks`` to our adapter, registered in core's list),
+    then one ``add_patches({key: adapter}, strength_model * ratio)`` per key; a ratio of 0 is not
+    patched. Its vector's entries go, in order, to the input, middle and output block numbers the file
+    has (not LBW's fixed positions), the first to every other layer. Every layer comes out as our
+    exact merge in ``lycoris`` mode at strength_model x its ratio."""
+    import re
+
+    model = load_model(comfy, sd15_ckpt)
+    base = {k: v.clone().float() for k, v in model.model.diffusion_model.state_dict().items()}
+    path = loras_dir / "inspire_boft.safetensors"
+    unet_adapter(path, comfy, model, rescaled=True, constraint=0.001)
+    adapter = boft_core.load(str(path))
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    loaded = comfy.lora.load_lora(load_file(str(path)), key_map)
+    assert {type(v).__name__ for v in loaded.values()} == {"BOFTAdapter"}
+    strength_model, vector = 0.9, [1.0, 0.5, -0.5, 1.5, 0.0]  # BASE/others, then the blocks the file has
+    blocks, ratios = [], {}
+    for key in loaded:  # Inspire's grouping: (kind, block number) of the model key, in key order
+        hit = re.match(r"diffusion_model\.(input_blocks|middle_block|output_blocks)\.(\d+)\.", key)
+        if hit:
+            blocks.append(((("input_blocks", "middle_block", "output_blocks").index(hit[1]), int(hit[2])), key))
+        else:
+            ratios[key] = vector[0]
+    order = sorted({b for b, _ in blocks})
+    assert len(order) == len(vector) - 1, order  # input 0, 1 and output 0, 1 in the tiny UNet
+    for block, key in blocks:
+        ratios[key] = vector[1 + order.index(block)]
+    patcher = model.clone()
+    for key, value in loaded.items():
+        if ratios[key] != 0:
+            patcher.add_patches({key: value}, strength_model * ratios[key])
+    got = patched_state(comfy, patcher)
+    names = {key_map[name]: name for name in adapter.layers}
+    assert set(ratios.values()) == set(vector)
+    for key, ratio in ratios.items():
+        k = key[len("diffusion_model."):]
+        if ratio == 0:
+            assert torch.equal(got[k], base[k]), key
+        else:
+            want = boft_core.merge_weight(base[k].double(), adapter.layers[names[key]], strength_model * ratio)
+            assert rel(got[k], want, base[k]) < 1e-4, key
