@@ -87,11 +87,17 @@ def check_merge(layer: BoftLayer, strength: float, mode: str, weight: torch.Tens
     if not math.isfinite(g):
         raise BoftError(f"{head} its merged weight would not be finite ({_values(layer)}).")
     if g > FREE_GAIN:
+        if weight.is_meta:  # no values to read (a model not materialized): the gain alone decides
+            if not g < min(limit / 2, AMPLIFY_MAX):
+                raise BoftError(f"{head} its merged weight could be up to {g:.3g} times the layer's own: "
+                                f"{_values(layer)}. Use a smaller strength, or a file with sane values.")
+            return g
         lines = _line_norm(layer, weight)
         if not (g * lines < limit / 2 and g < AMPLIFY_MAX):
-            # the bound is loose (every stage at its worst): only such layers pay for an exact merge
+            # the bound is loose (every stage at its worst): only such layers pay for an exact merge,
+            # on the CPU, where the layer's tensors are
             work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-            peak = _largest(merge_weight(weight.detach().to(work), layer, s, mode))
+            peak = _largest(merge_weight(weight.detach().to("cpu", work), layer, s, mode))
             if not peak <= limit:  # NaN too
                 what = f"reaches {peak:.3g}" if math.isfinite(peak) else "is not finite"
                 raise BoftError(

@@ -261,6 +261,15 @@ def test_a_strength_too_large_for_float16_is_refused_with_the_exact_peak(good):
     assert torch.isfinite(boft_core.merge_weight(weight.float(), wild, 10.0, "lycoris")).all()
 
 
+def test_weights_without_values_are_judged_by_the_gain(good):
+    """A weight on the meta device (a model not materialized) cannot be read: the gain decides."""
+    layer = boft_core.load(good).layers["lycoris_proj"]
+    boft_core.check_merge(layer, 1.0, "lycoris", torch.empty(64, 32, device="meta", dtype=torch.float16))
+    wild = BoftLayer(name="wild", kind=layer.kind, blocks=layer.blocks.sign() * 1e3)
+    with pytest.raises(boft_core.BoftError, match="times the layer's own"):
+        boft_core.check_merge(wild, 10.0, "lycoris", torch.empty(64, 32, device="meta", dtype=torch.float16))
+
+
 def test_normal_files_are_never_refused_and_the_bound_holds():
     """Trained-like layers of every kind at strengths -10..10 in every mode, float16/float32
     weights: the guard passes and the merge is finite. Layers with wild generators (the path that
