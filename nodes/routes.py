@@ -1,9 +1,10 @@
 """HTTP routes for the pack's front end (web/js): file info for the panel, drag-and-drop upload.
 
-* ``GET  /boft/info?name=N[&node=ID...]``: what the info panel shows for a file of the ``loras``
-  list (format, family, counts, metadata, trigger words, per-layer rotation distance by block),
-  and the latest run on that file of the loader node that runs under execution id ``ID`` (one per
-  instance of a subgraph the node is in, e.g. ``node=11:10&node=12:10``).
+* ``GET  /boft/info?name=N[&node=ID...][&block_weights=S]``: what the info panel shows for a file of
+  the ``loras`` list (format, family, counts, metadata, trigger words, per-layer rotation distance
+  by block), the latest run on that file of the loader node that runs under execution id ``ID`` (one
+  per instance of a subgraph the node is in, e.g. ``node=11:10&node=12:10``), and what the node's
+  ``block_weights`` string ``S`` gives each layer and block, with the presets for the file's family.
 * ``POST /boft/check?name=N&size=S``: body = the file's first bytes (length + JSON header).
   Says whether it is a BOFT file before anything is uploaded.
 * ``POST /boft/upload?name=N``: body = the whole file. Checks the header again, enforces the
@@ -27,6 +28,7 @@ import folder_paths
 from aiohttp import web
 
 from ..boft_core import BoftError, read_header
+from ..boft_core.blocks import EXAMPLES, PRESETS, accepted, describe_weights, family_of, parse_block_weights
 from ..boft_core.cli import describe
 from ..boft_core.formats import MAX_HEADER, detect_format, parse_header
 from ..boft_core.stats import group_stats, layer_stats, summary, trigger_text
@@ -90,7 +92,20 @@ class StatsCache:
 STATS = StatsCache()
 
 
-def file_info(name: str, path: str) -> dict:
+def block_weights_info(boft_file, text: str) -> dict:
+    """The panel's view of a ``block_weights`` string: each layer's and block's weight for the family
+    the file's names suggest (the node uses its model's), the presets, or the parse error."""
+    family = family_of(guess_family(boft_file.layers))
+    info = {"family": family, "presets": PRESETS.get(family, {}), "example": EXAMPLES[family],
+            "accepts": accepted(family), "text": text}
+    try:
+        info.update(describe_weights(parse_block_weights(text, family), boft_file.layers), error=None)
+    except BoftError as e:
+        info["error"] = str(e)
+    return info
+
+
+def file_info(name: str, path: str, block_weights: str = "") -> dict:
     """The info panel's data for one file (BoftError if it is not a readable BOFT file)."""
     boft_file = CACHE.get(path)
     info = describe(boft_file)
@@ -100,7 +115,8 @@ def file_info(name: str, path: str) -> dict:
             for row in STATS.get(path, boft_file)]
     info.update(summary(boft_file))
     info.update(name=name, size=os.path.getsize(path), family=guess_family(boft_file.layers),
-                trigger_text=trigger_text(boft_file.metadata), layer_stats=rows, groups=group_stats(rows))
+                trigger_text=trigger_text(boft_file.metadata), layer_stats=rows, groups=group_stats(rows),
+                block_weights=block_weights_info(boft_file, block_weights))
     return info
 
 
@@ -165,7 +181,7 @@ async def info_route(request: web.Request) -> web.Response:
     if path is None:
         return _error(404, f"{name!r} is not a file in the loras folder.")
     try:
-        info = await asyncio.to_thread(file_info, name, path)
+        info = await asyncio.to_thread(file_info, name, path, request.query.get("block_weights", ""))
     except (BoftError, OSError) as e:
         return _error(422, str(e))
     # A node inside a subgraph runs under its execution id ("11:10"), once per instance of the

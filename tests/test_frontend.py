@@ -434,7 +434,7 @@ def test_panel_shows_the_numbers(view, server):
     assert chips == ["wtrclr style60", "mountain15", "forest11", "lake9"]
     # The panel is not a widget value: saved workflows keep the loader's four values.
     assert view.page.evaluate("(id) => __boftTest.node(id).serialize().widgets_values", node_id) == [
-        DEMO, 1, 1, "lycoris"]
+        DEMO, 1, 1, "lycoris", ""]
     view.shot("02-panel", node_clip(view, node_id))
     only = fresh_node(view, "BOFTLoaderModelOnly", OTHER)
     assert fields(view, only)["meta:ss_output_name"] == "other"
@@ -522,6 +522,41 @@ def test_picture_shows_where_the_adapter_acts(view):
     title = picture.get_attribute("title")
     assert title.startswith("lora_unet_output_blocks_1_1_") and "up: ‖B−I‖/√n" in title, title
     view.shot("05-picture", node_clip(view, node_id))
+
+
+BAR_PIXELS = """(id) => {  // opaque pixels of the 'down' and 'up' colours in the node's picture
+    const c = __boftTest.shown(id).querySelector('canvas.boft-picture');
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data, count = {down: 0, up: 0};
+    for (let i = 0; i < d.length; i += 4) {
+        if (d[i + 3] < 250) continue;
+        if (d[i] === 0x4f && d[i + 1] === 0x9b && d[i + 2] === 0xe8) count.down++;
+        if (d[i] === 0xe8 && d[i + 1] === 0x66 && d[i + 2] === 0x4f) count.up++;
+    }
+    return count; }"""
+
+
+def test_preset_picker_fills_block_weights_and_the_picture_follows(view):
+    """A preset from the picker becomes the node's block_weights string (what a saved workflow keeps);
+    the panel lists each block's weight and the picture draws the blocks at weight 0 as grey outlines."""
+    node_id = fresh_node(view)
+    page = view.page
+    before = page.evaluate(BAR_PIXELS, node_id)
+    assert before["down"] > 0 and before["up"] > 0 and fields(view, node_id)["block-weights"] == "every block at 1"
+    panel(view, node_id).locator("[data-field=preset]").select_option("INALL")
+    page.wait_for_function("(id) => __boftTest.node(id).boftPanel.state.info?.block_weights?.text === 'INALL'",
+                           arg=node_id, timeout=10_000)
+    wait_panel(view, node_id)
+    assert page.evaluate("(id) => __boftTest.node(id).serialize().widgets_values", node_id)[-1] == "INALL"
+    shown = dict(part.rsplit(" ", 1) for part in fields(view, node_id)["block-weights"].split(" · "))
+    assert shown == {"BASE": "1", "IN01": "1", "M00": "0", "OUT00": "0", "OUT01": "0"}, shown  # LBW: OUT00-02 not in 17
+    after = page.evaluate(BAR_PIXELS, node_id)
+    assert after["up"] < before["up"] / 100 and after["down"] == before["down"], (before, after)  # "up ×0" label left
+    view.shot("14-block-weights", node_clip(view, node_id))
+    panel(view, node_id).locator("[data-field=preset]").select_option(label="every block at 1")
+    page.wait_for_function("(id) => __boftTest.node(id).boftPanel.state.info?.block_weights?.kind === 'all'",
+                           arg=node_id, timeout=10_000)
+    wait_panel(view, node_id)
+    assert page.evaluate(BAR_PIXELS, node_id)["up"] == before["up"]
 
 
 def test_trigger_words_copy_on_click(view, server):

@@ -5,6 +5,7 @@ import { api } from "../../../scripts/api.js";
 
 export const NODE_TYPES = new Set(["BOFTLoader", "BOFTLoaderModelOnly"]);
 export const FILE_WIDGET = "boft_name";
+export const BLOCK_WIDGET = "block_weights";
 const HEADER_LIMIT = 16 * 1024 * 1024;
 
 export function isBoftNode(node) {
@@ -83,10 +84,12 @@ export function executionIds(node) {
 }
 
 /** GET /boft/info: {ok: true, info} or {ok: false, error}; `nodeIds` (execution ids) pick the
- *  run the panel shows: the latest of them on this file. */
-export async function fetchInfo(name, nodeIds, signal) {
+ *  run the panel shows: the latest of them on this file; `blockWeights` is the node's block_weights
+ *  string (the server says what it gives each layer: info.block_weights). */
+export async function fetchInfo(name, nodeIds, signal, blockWeights = "") {
   const query = new URLSearchParams({ name });
   for (const id of nodeIds ?? []) query.append("node", id);
+  if (blockWeights) query.set("block_weights", blockWeights);
   const response = await api.fetchApi(`/boft/info?${query}`, { signal });
   const body = await jsonOf(response);
   return response.ok ? { ok: true, info: body } : { ok: false, error: body.error };
@@ -132,6 +135,20 @@ export function selectFile(node, name) {
   if (!widget) return;
   widget.value = name;
   widget.callback?.(name, app.canvas, node);
+  node.setDirtyCanvas?.(true, true);
+}
+
+/** A widget's value by name (undefined if the node has no such widget). */
+export function widgetValue(node, name) {
+  return node.widgets?.find((w) => w.name === name)?.value;
+}
+
+/** Set a widget's value as a person's edit does (its callback runs), e.g. block_weights from a preset. */
+export function setWidget(node, name, value) {
+  const widget = node.widgets?.find((w) => w.name === name);
+  if (!widget) return;
+  widget.value = value;
+  widget.callback?.(value, app.canvas, node);
   node.setDirtyCanvas?.(true, true);
 }
 

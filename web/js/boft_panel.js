@@ -1,10 +1,12 @@
 // The info panel on "Load BOFT" nodes: what the selected file is, where it acts (a picture of
 // per-layer rotation distance by model block), its trigger words (click to copy), its training
 // metadata, and after a run what was applied. "Open" shows the same, larger, in a dialog.
+// The node's block_weights string stays the only source of what each block gets: the preset picker
+// writes it, the server says what it gives each layer, the picture shows that.
 import { app } from "../../../scripts/app.js";
 import {
-  addDroppedFiles, copyText, draggingFiles, el, executionIds, fetchInfo, FILE_WIDGET, formatBytes, isBoftNode,
-  safetensorsFiles, selectFile, toast,
+  addDroppedFiles, BLOCK_WIDGET, copyText, draggingFiles, el, executionIds, fetchInfo, FILE_WIDGET, formatBytes,
+  isBoftNode, safetensorsFiles, selectFile, setWidget, toast, widgetValue,
 } from "./boft_common.js";
 import { livePicture } from "./boft_picture.js";
 
@@ -49,6 +51,32 @@ function triggerChips(info, limit) {
   return el("div", { class: "boft-chips" }, shown);
 }
 
+const EVERY_BLOCK = "every block at 1";
+const fmtWeight = (v) => String(Number(Number(v).toPrecision(3)));
+
+/** Each block's weight as text, the parse error, and the preset picker (which fills block_weights). */
+function blockRows(info, setBlockWeights) {
+  const bw = info.block_weights;
+  if (!bw) return [];
+  const choices = [["", "Preset…"], ["", EVERY_BLOCK], ...Object.keys(bw.presets ?? {}).map((n) => [n, n]),
+                   [bw.example, bw.example]];
+  const picker = el("select", {
+    class: "boft-preset", dataset: { field: "preset" }, title: "Fill block_weights with a preset",
+    onchange: (event) => {
+      const option = event.target.selectedOptions[0];
+      if (option?.dataset.choice) setBlockWeights(option.value);
+      event.target.selectedIndex = 0;
+    },
+  }, choices.map(([value, label], i) => el("option", { value, dataset: i ? { choice: "1" } : {} }, label)));
+  const text = bw.error ? "—" : bw.kind === "all" ? EVERY_BLOCK
+    : bw.blocks.map((b) => `${b.block} ${fmtWeight(b.weight)}`).join(" · ");
+  return [
+    el("div", { class: "boft-row" }, el("span", { class: "boft-key" }, "Per block"),
+       el("span", { class: "boft-value", dataset: { field: "block-weights" } }, text), picker),
+    bw.error ? el("div", { class: "boft-error", dataset: { field: "block-weights-error" } }, bw.error) : null,
+  ];
+}
+
 function metadataRows(info, large) {
   const meta = info.metadata ?? {};
   const keys = large ? Object.keys(meta).filter((k) => k !== "ss_tag_frequency").sort()
@@ -63,7 +91,7 @@ function metadataRows(info, large) {
 }
 
 /** The panel's content for `info` (and the node's last run) into `root`; returns the picture canvas. */
-function render(root, state, large) {
+function render(root, state, large, setBlockWeights) {
   const { info, lastRun, error } = state;
   if (error) {
     root.replaceChildren(el("div", { class: "boft-error", dataset: { field: "error" } }, error));
@@ -93,6 +121,7 @@ function render(root, state, large) {
              `${formatBytes(info.size)} · ${info.parameters.toLocaleString("en-US")} parameters`))),
     el("div", { class: "boft-section" }, "Where it acts (‖B − I‖ per layer, by block)"),
     canvas,
+    ...blockRows(info, setBlockWeights),
     el("div", { class: "boft-section" }, "Trigger words ",
        el("button", {
          class: "boft-link", dataset: { field: "copy-all" }, title: "Copy the trigger_words output",
@@ -134,6 +163,18 @@ class BoftPanel {
     this.element.addEventListener("drop", this.onDrop);
   }
 
+  /** The node's strengths, for the picture's effective strength per layer (no CLIP part: 0). */
+  strengths() {
+    const model = Number(widgetValue(this.node, "strength_model") ?? 1);
+    const clip = widgetValue(this.node, "strength_clip");
+    return { model, clip: clip === undefined ? 0 : Number(clip) };
+  }
+
+  setBlockWeights(value) {
+    setWidget(this.node, BLOCK_WIDGET, value);
+    this.load();
+  }
+
   async load() {
     const name = this.node.widgets?.find((w) => w.name === FILE_WIDGET)?.value ?? null;
     this.abort?.abort();
@@ -141,7 +182,8 @@ class BoftPanel {
     if (name !== this.state.name) this.state = { name, info: null, lastRun: null, error: null };
     if (!name) return this.show();
     try {
-      const answer = await fetchInfo(name, executionIds(this.node), abort.signal);
+      const answer = await fetchInfo(name, executionIds(this.node), abort.signal,
+                                     String(widgetValue(this.node, BLOCK_WIDGET) ?? ""));
       if (abort.signal.aborted) return;
       this.state = answer.ok
         ? { name, info: answer.info, lastRun: answer.info.last_run, error: null }
@@ -167,10 +209,15 @@ class BoftPanel {
     this.takeSlot();
     this.element.dataset.state = this.state.error ? "error" : this.state.info ? "ready" : "loading";
     this.picture?.dispose();
-    const canvas = render(this.body, this.state, false);
-    this.picture = canvas ? livePicture(canvas, () => this.state) : null;
+    const canvas = render(this.body, this.state, false, (v) => this.setBlockWeights(v));
+    this.picture = canvas ? livePicture(canvas, () => ({ ...this.state, strengths: this.strengths() })) : null;
     if (this.dialog) this.renderDialog();
     this.node.setDirtyCanvas?.(true, true);
+  }
+
+  redraw() {
+    this.picture?.redraw();
+    this.dialogPicture?.redraw();
   }
 
   openDialog() {
@@ -195,8 +242,8 @@ class BoftPanel {
     const { body, title } = this.dialog;
     title.textContent = this.state.name ?? "";
     this.dialogPicture?.dispose();
-    const canvas = render(body, this.state, true);
-    this.dialogPicture = canvas ? livePicture(canvas, () => this.state) : null;
+    const canvas = render(body, this.state, true, (v) => this.setBlockWeights(v));
+    this.dialogPicture = canvas ? livePicture(canvas, () => ({ ...this.state, strengths: this.strengths() })) : null;
   }
 
   dispose() {
@@ -247,12 +294,19 @@ app.registerExtension({
         serialize: false, hideOnZoom: false, getMinHeight: () => MIN_HEIGHT,
       });
       info.serialize = false; // not part of widgets_values: saved workflows stay as they were
-      const widget = this.widgets?.find((w) => w.name === FILE_WIDGET);
-      if (widget) {
+      // A new file or block_weights string: ask the server again (typing is debounced); new
+      // strengths: only redraw.
+      let typing = null;
+      const follow = { [FILE_WIDGET]: () => panel.load(),
+                       [BLOCK_WIDGET]: () => { clearTimeout(typing); typing = setTimeout(() => panel.load(), 250); },
+                       strength_model: () => panel.redraw(), strength_clip: () => panel.redraw() };
+      for (const widget of this.widgets ?? []) {
+        const after = follow[widget.name];
+        if (!after) continue;
         const callback = widget.callback;
         widget.callback = function () {
           const result = callback?.apply(this, arguments);
-          panel.load();
+          after();
           return result;
         };
       }

@@ -1,5 +1,7 @@
 // The picture of where an adapter acts: one bar per layer, its rotation's distance from the
-// identity (‖B − I‖_F / √n), grouped by model block, drawn on a <canvas>. No extension here.
+// identity (‖B − I‖_F / √n), grouped by model block, drawn on a <canvas>. With the node's strengths
+// and block_weights, each bar is coloured by its layer's effective strength (strength × its block's
+// weight): full colour at 1, paler towards 0, a grey outline at 0. No extension here.
 
 const COLORS = {
   "text encoder": "#b07cd8", "text encoder 2": "#8f6bd0", in: "#7a8793", down: "#4f9be8",
@@ -7,6 +9,17 @@ const COLORS = {
 };
 const SHORT = { "text encoder": "te", "text encoder 2": "te2" };
 const OTHER = ["#6fbf73", "#d06fa8", "#c9a25d", "#5db7c9"];
+const OFF = "#8a8a8a"; // a layer at effective strength 0
+
+/** A layer's effective strength: the node's strength for its part × its block's weight. */
+export function effectiveStrength(row, info, strengths) {
+  const weight = info.block_weights?.layers?.[row.name] ?? 1;
+  const te = row.section.startsWith("text encoder");
+  const strength = strengths ? (te ? strengths.clip : strengths.model) : 1;
+  return (strength ?? 1) * weight;
+}
+
+const fmt = (v) => String(Number(v.toPrecision(3)));
 
 function colorOf(section, others) {
   if (COLORS[section]) return COLORS[section];
@@ -15,8 +28,9 @@ function colorOf(section, others) {
 }
 
 /** Draw `info.layer_stats` into `canvas` at its CSS size; returns a hit test (x, y) -> row|null.
- *  Layers a run did not apply (lastRun.not_applied) are drawn hollow. */
-export function drawPicture(canvas, info, lastRun) {
+ *  Layers a run did not apply (lastRun.not_applied) are drawn hollow; `strengths` ({model, clip})
+ *  and info.block_weights colour each bar by its effective strength. */
+export function drawPicture(canvas, info, lastRun, strengths) {
   const rows = info.layer_stats ?? [];
   const groups = info.groups ?? [];
   const width = canvas.clientWidth || 300;
@@ -39,6 +53,8 @@ export function drawPicture(canvas, info, lastRun) {
   const barW = plotW / rows.length;
   const max = Math.max(...rows.map((r) => r.distance), 1e-12);
   const skipped = new Set(lastRun?.not_applied ?? []);
+  const effective = new Map(rows.map((r) => [r.name, effectiveStrength(r, info, strengths)]));
+  const strongest = Math.max(1, ...Array.from(effective.values(), Math.abs));
   const others = new Map();
   const hits = [];
 
@@ -66,12 +82,15 @@ export function drawPicture(canvas, info, lastRun) {
       }
       const h = Math.max(1, (row.distance / max) * plotH);
       const w = Math.max(1, barW - (barW > 4 ? 1 : 0));
-      if (skipped.has(row.name)) {
-        ctx.strokeStyle = color;
+      const e = effective.get(row.name);
+      if (skipped.has(row.name) || e === 0) {
+        ctx.strokeStyle = e === 0 ? OFF : color;
         ctx.strokeRect(x + 0.5, top + plotH - h + 0.5, Math.max(1, w - 1), h - 1);
       } else {
         ctx.fillStyle = color;
+        ctx.globalAlpha = 0.2 + 0.8 * Math.abs(e) / strongest;
         ctx.fillRect(x, top + plotH - h, w, h);
+        ctx.globalAlpha = 1;
       }
       hits.push({ x0: x, x1: x + barW, row });
       x += barW;
@@ -82,7 +101,11 @@ export function drawPicture(canvas, info, lastRun) {
     const mid = (start + x) / 2;
     const room = x - start + gap;
     const short = SHORT[group.section] ?? group.section;
-    const shown = [label, group.section, short].find((t) => ctx.measureText(t).width <= room) ?? "";
+    const weights = members.map((r) => info.block_weights?.layers?.[r.name] ?? 1);
+    const [lo, hi] = [Math.min(...weights), Math.max(...weights)];
+    const times = lo === hi ? (lo === 1 ? "" : ` ×${fmt(lo)}`) : ` ×${fmt(lo)}–${fmt(hi)}`;
+    const shown = [label + times, group.section + times, short + times, label, group.section, short]
+      .find((t) => ctx.measureText(t).width <= room) ?? "";
     ctx.fillText(shown, Math.min(Math.max(mid, 20), width - 20), top + plotH + 8);
     x += gap;
   }
@@ -93,12 +116,16 @@ export function drawPicture(canvas, info, lastRun) {
 export function livePicture(canvas, getState) {
   let hit = () => null;
   const redraw = () => {
-    const { info, lastRun } = getState();
-    if (info) hit = drawPicture(canvas, info, lastRun);
+    const { info, lastRun, strengths } = getState();
+    if (info) hit = drawPicture(canvas, info, lastRun, strengths);
   };
   const onMove = (event) => {
     const row = hit(event.offsetX);
-    canvas.title = row ? `${row.name}\n${row.section}: ‖B−I‖/√n = ${row.distance.toPrecision(3)}` : "";
+    const { info, strengths } = getState();
+    const weight = info?.block_weights?.layers?.[row?.name];
+    const strength = row && info ? ` · block weight ${fmt(weight ?? 1)} → strength ${
+      fmt(effectiveStrength(row, info, strengths))}` : "";
+    canvas.title = row ? `${row.name}\n${row.section}: ‖B−I‖/√n = ${row.distance.toPrecision(3)}${strength}` : "";
   };
   canvas.addEventListener("pointermove", onMove);
   const observer = new ResizeObserver(redraw);
