@@ -143,10 +143,15 @@ def stage_norms(layer: BoftLayer, strength: float, mode: str, where: str = "") -
     s = float(strength)
     q = generator_norm(layer)
     if (abs(s) * q if mode == "orthogonal" else q) <= SAFE_GENERATOR:
-        rho = 1.0  # a rotation, or (lycoris, 0 <= s <= 1) a convex blend of one with I
-        if mode == "lycoris" and not 0 <= s <= 1:
-            rho = math.sqrt(1 + 2 * s * (s - 1) * (1 - math.cos(2 * math.atan(q))))
-        return [rho * ROUNDING] * layer.m
+        if mode != "lycoris" or 0 <= s <= 1:
+            return [ROUNDING] * layer.m  # a rotation, or a convex blend of one with I
+        # s R + (1 - s) I: the bound grows with the rotation angle, so here each stage's largest
+        # ‖A - Aᵀ‖_F is worth its cost (a blend of the generators' norms at most SAFE_GENERATOR)
+        a = layer.blocks.to(torch.float32)
+        per_stage = torch.linalg.matrix_norm(a - a.transpose(-1, -2)).amax(dim=1).to(torch.float64)
+        per_stage = per_stage * (0.5 if layer.side == "in" else 1.0)
+        return [math.sqrt(1 + 2 * s * (s - 1) * (1 - math.cos(2 * math.atan(float(qk))))) * ROUNDING
+                for qk in per_stage.clamp(max=q)]
     try:
         rotations = prepare(layer, s, mode).rotations
     except RuntimeError as e:  # torch.linalg.LinAlgError: a singular I - Q in the Cayley solve
