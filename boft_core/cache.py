@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -202,8 +202,7 @@ class PatchCache:
         dev = device_key(device)
         data = layer()
         if dev.startswith("cuda"):  # a GPU solves and builds faster; elsewhere: where the data is
-            data.blocks = data.blocks.to(dev)
-            data.scale = None if data.scale is None else data.scale.to(dev)
+            data = replace(data, blocks=data.blocks.to(dev), scale=None if data.scale is None else data.scale.to(dev))
         patch = merge.prepare(data, strength, mode, dtype=dtype)
         host = self._host_from(patch, dev, self._kernel_plan(patch, dev))
         self._host_put(key, host)

@@ -303,3 +303,18 @@ def test_cache_on_cuda_plans_budget_and_merge(dtype):
             else:
                 assert within_one_ulp(got, want)
     assert cache.counts["evicted"] > 0 and cache.counts["prepared"] == 5
+    for layer in layers:  # the host copies (one per group, views into it) are the layers' rotations
+        host = cache.patch(layer.token, None, 0.8, "lycoris", torch.float32, "cpu")
+        assert host.rotations.device.type == "cpu"
+        assert torch.allclose(host.rotations, merge.prepare(layer, 0.8, "lycoris").rotations, atol=1e-5)
+        assert torch.allclose(host.scale, layer.scale)
+    lazy = BoftLayer("lazy", "lycoris-boft", torch.randn(8, 128, 10, 10, generator=gen) * 0.1,
+                     scale=1 + 0.1 * torch.randn(1280, generator=gen))  # prepared on first use, alone
+    host, plan = cache.plan(lazy.token, lambda: lazy, 0.8, "lycoris", torch.float32, "cuda")
+    assert torch.allclose(host.rotations, merge.prepare(lazy, 0.8, "lycoris").rotations, atol=1e-5)
+    weight = torch.randn(1280, 96, generator=gen).to(dtype)
+    want = merge.apply(merge.prepare(lazy, 0.8, "lycoris", dtype=torch.float64), weight.double())
+    target = weight.cuda()
+    assert merge.apply_(host, target, plan)
+    assert within_one_ulp(target.cpu(), want) if dtype != torch.float32 else \
+        ((target.cpu().double() - want).norm() / want.norm()).item() < 1e-5
