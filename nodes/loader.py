@@ -12,7 +12,7 @@ import folder_paths
 import torch
 
 from ..boft_core import MODES, BoftError, BoftFile, check_merge, check_strength, check_weight, fused, load, read_header
-from ..boft_core.blocks import BlockWeights, family_of, parse_block_weights
+from ..boft_core.blocks import BlockWeights, parse_block_weights
 from ..boft_core.formats import resolve_path
 from ..boft_core.stats import TRIGGER_LIMIT, trigger_text
 from .adapter import BOFTAdapter, BOFTBiasAdapter
@@ -130,18 +130,15 @@ def _target(root, key) -> torch.Tensor:
     return comfy.utils.get_attr(root, key)
 
 
-def model_family(model, boft_file: BoftFile | None = None) -> str:
+def model_family(model) -> str:
     """The model's family for ``block_weights`` (``sd1``, ``sdxl``, ``flux``, ``sd3``, ``other``), from
-    ComfyUI's detected model config (SSD-1B, Vega and KOALA are SDXL subclasses); without a model,
-    what the file's layer names suggest."""
+    ComfyUI's detected model config (SSD-1B, Vega and KOALA are SDXL subclasses)."""
     config = getattr(getattr(model, "model", None), "model_config", None)
     names = {cls.__name__ for cls in type(config).__mro__} if config is not None else set()
     for family, classes in (("sdxl", {"SDXL", "SDXLRefiner"}), ("sd1", {"SD15", "SD20"}), ("flux", {"Flux"}),
                             ("sd3", {"SD3"})):
         if names & classes:
             return family
-    if config is None and boft_file is not None:
-        return family_of(guess_family(boft_file.layers))
     return "other"
 
 

@@ -302,3 +302,38 @@ def test_inspire_lora_loader_block_weight_path(comfy, pack, sd15_ckpt, loras_dir
         else:
             want = boft_core.merge_weight(base[k].double(), adapter.layers[names[key]], strength_model * ratio)
             assert rel(got[k], want, base[k]) < 1e-4, key
+
+
+def test_sdxl_family_takes_its_12_value_vectors(comfy, pack, tmp_path, loras_dir):
+    """On an SDXL-family model (Segmind Vega layout, SDXL's block indices) the node takes SDXL's
+    orders and presets, and refuses SD1.5's 17 values naming SDXL's."""
+    from importlib import import_module
+
+    import tiny_models
+    from lycoris_comfy import write_boft
+
+    error = import_module(pack.__name__ + ".boft_core").BoftError
+    loader = import_module(pack.__name__ + ".nodes.loader")
+    path = tiny_models.make_sdxl_unet_checkpoint(tmp_path / "sdxl.safetensors", verify=False)
+    model = tiny_models.load_checkpoint(path, with_vae=False)[0]
+    assert loader.model_family(model) == "sdxl"
+    unet = model.model.diffusion_model
+    base = {k: v.clone().float() for k, v in unet.state_dict().items()}
+    boft_path = loras_dir / "sdxl_blocks.safetensors"
+    write_boft(boft_path, unet, "lora_unet", ("input_blocks.4.1.proj_in", "input_blocks.7.1.proj_out",
+                                              "output_blocks.3.1.proj_out"))
+    adapter = boft_core.load(str(boft_path))
+    node = pack.NODE_CLASS_MAPPINGS["BOFTLoaderModelOnly"]()
+    out = node.load_boft(model, boft_path.name, 0.7, "orthogonal", block_weights="SDXL-INALL")
+    assert "applied 2 of 3" in out["ui"]["boft_report"][0]
+    got = patched_state(comfy, out["result"][0])
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    for name, layer in adapter.layers.items():
+        key = key_map[name][len("diffusion_model."):]
+        if lbw_block(name) == "OUT03":
+            assert torch.equal(got[key], base[key])
+        else:
+            want = boft_core.merge_weight(base[key].double(), layer, 0.7, "orthogonal")
+            assert rel(got[key], want, base[key]) < 1e-4, name
+    with pytest.raises(error, match=r"17 values\. For SDXL models it accepts .*12 or 20"):
+        node.load_boft(model, boft_path.name, 1.0, "lycoris", block_weights=",".join(["1"] * 17))
