@@ -308,8 +308,7 @@ def test_text_encoder_names_and_core_loader_with_kohya_boft(comfy, pack, sd15_cl
 
 def test_adapter_in_place_and_with_a_function(comfy, pack):
     """ComfyUI passes `lambda a: a` when a patch has no function: the adapter then merges into the
-    float32 copy in place. Any other function gets `weight + function(W' - weight)`. fp16
-    intermediates (the low-VRAM path) go through the out-of-place merge."""
+    float32 copy in place. Any other function gets `weight + function(W' - weight)`."""
     adapter_mod = sys.modules[pack.__name__ + ".nodes.adapter"]
     gen = torch.Generator().manual_seed(21)
     layer = boft_core.BoftLayer("x", "lycoris-boft", torch.randn(4, 16, 10, 10, generator=gen) * 0.1,
