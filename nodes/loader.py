@@ -89,11 +89,6 @@ class LastRuns:
             while len(self._runs) > self._limit:
                 del self._runs[next(iter(self._runs))]
 
-    def get(self, unique_id, boft_name: str) -> dict | None:
-        with self._lock:
-            run = self._runs.get(str(unique_id))
-        return run if run is not None and run["boft_name"] == boft_name else None
-
     def latest(self, unique_ids, boft_name: str) -> dict | None:
         """The most recent run on ``boft_name`` among ``unique_ids`` (a node in a subgraph has one
         execution id per instance of the subgraph); runs are kept in the order they happened."""
