@@ -6,7 +6,7 @@ import { api } from "../../../scripts/api.js";
 export const NODE_TYPES = new Set(["BOFTLoader", "BOFTLoaderModelOnly"]);
 export const FILE_WIDGET = "boft_name";
 export const BLOCK_WIDGET = "block_weights";
-const HEADER_LIMIT = 16 * 1024 * 1024;
+const HEADER_LIMIT = 100_000_000;  // safetensors' own header limit, the server's too (boft_core MAX_HEADER)
 
 export function isBoftNode(node) {
   return NODE_TYPES.has(node?.comfyClass ?? node?.type);
