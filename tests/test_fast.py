@@ -8,6 +8,7 @@ import zlib
 
 import pytest
 import torch
+from oracles import within_one_ulp
 
 from boft_core import butterfly, fast, merge
 from boft_core.formats import BoftLayer
@@ -341,17 +342,6 @@ def test_fused_split_equals_separate_plans():
             assert torch.allclose(piece.apply(x), want, atol=1e-12)
     with pytest.raises(ValueError, match="equal parts"):
         fused.FusedButterfly(rotations(2, 4, 10, torch.float64, gen), LAYOUTS[0]).split(3)
-
-
-def within_one_ulp(got: torch.Tensor, want64: torch.Tensor) -> bool:
-    """|got - exact| <= one ulp of got's dtype at the exact value (+ float32 arithmetic: 1e-6 of
-    the largest value), and no worse than rounding the exact result (tests/test_host_paths.py)."""
-    rounded = want64.to(got.dtype)
-    mag = rounded.abs()
-    ulp = (torch.nextafter(mag, torch.full_like(mag, float("inf"))) - mag).double()
-    err = (got.double() - want64).abs()
-    slack = 1e-6 * want64.abs().max()
-    return bool((err <= ulp + slack).all() and err.max() <= (rounded.double() - want64).abs().max() + slack)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -8,6 +8,7 @@ import zlib
 
 import pytest
 import torch
+from oracles import within_one_ulp
 
 from boft_core import butterfly, fused
 
@@ -192,17 +193,6 @@ def test_prepare_many_on_cuda_shares_one_plan_build():
         target = weight.float().cuda()
         assert merge.apply_(patch, target)
         assert ((target.double().cpu() - want).norm() / want.norm()).item() < 1e-5
-
-
-def within_one_ulp(got: torch.Tensor, want64: torch.Tensor) -> bool:
-    """|got - exact| <= one ulp of got's dtype at the exact value (+ float32 arithmetic: 1e-6 of
-    the largest value), and no worse than rounding the exact result (tests/test_host_paths.py)."""
-    rounded = want64.to(got.dtype)
-    mag = rounded.abs()
-    ulp = (torch.nextafter(mag, torch.full_like(mag, float("inf"))) - mag).double()
-    err = (got.double() - want64).abs()
-    slack = 1e-6 * want64.abs().max()
-    return bool((err <= ulp + slack).all() and err.max() <= (rounded.double() - want64).abs().max() + slack)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
