@@ -1,7 +1,17 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
+
+# PEFT tries to build its CUDA extension (fbd_cuda) when a BOFT layer is made; torch's builder
+# takes a lock file in TORCH_EXTENSIONS_DIR, and a run killed meanwhile leaves it behind, which
+# makes every later run wait on it forever. Each run gets its own folder (subprocesses inherit it).
+if "TORCH_EXTENSIONS_DIR" not in os.environ:
+    os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="boft-torch-extensions-")
+    atexit.register(shutil.rmtree, os.environ["TORCH_EXTENSIONS_DIR"], True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (ROOT, os.path.dirname(os.path.abspath(__file__))):
