@@ -11,7 +11,7 @@ Every contender gets the same inputs through the call ComfyUI makes in
 Contenders: ComfyUI core's BOFTAdapter; this pack's node adapter (nodes/adapter.py); "ours", an
 adapter holding a prepared ``Patch`` (``boft_core.merge.prepare``, once per file, strength and
 mode) that calls ``boft_core.merge.apply`` (a new merged weight); "in place", which calls
-``boft_core.merge.apply_`` to write into ComfyUI's float32 copy. The node adapter takes the
+``boft_core.merge.try_merge_into`` to write into ComfyUI's float32 copy. The node adapter takes the
 in-place path whenever ComfyUI's patch function is the identity (as here).
 """
 
@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from boft_core import butterfly, fast, fused, merge  # noqa: E402
+from boft_core import butterfly, fast, fused, kernel, merge  # noqa: E402
 from boft_core.formats import parse_lycoris  # noqa: E402
 
 # ComfyUI 0.3.75's own SDXL UNet config (comfy/model_detection.py, unet_config_from_diffusers_unet)
@@ -62,6 +62,11 @@ MODELS = {"sdxl": SDXL, "flux": FLUX}
 
 
 # --- host --------------------------------------------------------------------------------------
+
+
+def default_comfyui() -> str:
+    """The ComfyUI checkout: ``$BOFT_COMFYUI_DIR``, else the one scripts/setup.sh makes."""
+    return os.environ.get("BOFT_COMFYUI_DIR") or os.path.join(ROOT, ".comfyui", "ComfyUI")
 
 
 class Comfy:
@@ -136,13 +141,13 @@ def adapter_classes(base):
             return merge.apply(self.patch, weight)
 
     class InPlace(Ours):
-        """``merge.apply_``: written into ComfyUI's float32 copy (core's adapters add into it)."""
+        """``merge.try_merge_into``: written into ComfyUI's float32 copy (core's adapters add into it)."""
 
         name = "boft_core, in place"
 
         def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                              intermediate_dtype=torch.float32, original_weight=None):
-            if merge.apply_(self.patch, weight):
+            if merge.try_merge_into(self.patch, weight):
                 return weight
             return merge.apply(self.patch, weight)
 
@@ -182,6 +187,13 @@ class Layer:
     @property
     def label(self) -> str:
         return f"{self.kind} {'x'.join(map(str, self.shape))}"
+
+    @property
+    def weight_numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
 
     @property
     def m(self) -> int:
@@ -224,12 +236,12 @@ def subset(layers: list[Layer], count: int | None) -> list[Layer]:
     return [layers[int(i * step)] for i in range(count)]
 
 
-def make_adapters(comfy: Comfy, layer: Layer, device, block_dtype, seed: int) -> None:
-    """The LyCORIS file's tensors (random non-zero blocks) and the contenders built from them."""
-    gen = torch.Generator().manual_seed(seed)
-    blocks = (torch.randn(layer.m, layer.nb, layer.b, layer.b, generator=gen) * 0.05)
-    layer.tensors = {f"{layer.lname}.oft_blocks": blocks.to(block_dtype),
-                     f"{layer.lname}.alpha": torch.tensor(0.0)}
+def make_adapters(comfy: Comfy, layer: Layer, device, block_dtype, seed: int, block: int | None = None,
+                  slice_elems: int | None = None) -> None:
+    """The LyCORIS file's tensors (random non-zero blocks) and the contenders built from them.
+    ``block`` / ``slice_elems``: tuning of ours and in place's engines (fast path and kernel
+    plan, built here with these arguments and kept with the patch)."""
+    make_tensors(layer, block_dtype, seed)
     # Core keeps the file's tensors on the CPU and casts them to the weight's device per call,
     # as comfy.lora.load_lora leaves them; ours is prepared once on the device (node cache).
     core = comfy.BOFTAdapter.load(layer.lname, layer.tensors, 0.0, None)
@@ -239,8 +251,23 @@ def make_adapters(comfy: Comfy, layer: Layer, device, block_dtype, seed: int) ->
     (ours_layer,) = parse_lycoris("bench", layer.tensors).values()
     ours_layer.blocks = ours_layer.blocks.to(device)
     patch = merge.prepare(ours_layer, 1.0, "lycoris")
+    if block or slice_elems:
+        n = patch.rotations.shape[1] * patch.rotations.shape[2]
+        cols = max(32, slice_elems // n) if slice_elems else None
+        patch.kept(False, lambda: fast.Butterfly(patch.rotations, patch.layout, max_block=block, slice_cols=cols))
+        if merge.kernel_merges(patch):
+            patch.kept("fused", lambda: fused.FusedButterfly(patch.rotations, patch.layout, max_block=block,
+                                                             scale=patch.scale))
     layer.contenders = {"core": core, "node": node, "ours": comfy.Ours(patch),
                         "in place": comfy.InPlace(patch)}
+
+
+def make_tensors(layer: Layer, block_dtype, seed: int) -> None:
+    """``layer.tensors``: the LyCORIS file's keys for the layer (random non-zero blocks)."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = (torch.randn(layer.m, layer.nb, layer.b, layer.b, generator=gen) * 0.05)
+    layer.tensors = {f"{layer.lname}.oft_blocks": blocks.to(block_dtype),
+                     f"{layer.lname}.alpha": torch.tensor(0.0)}
 
 
 # --- timing ------------------------------------------------------------------------------------
@@ -845,8 +872,7 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=3, help="timed runs; medians are reported")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--lora-dim", type=int, default=16, help="LyCORIS lora_dim (default 16)")
-    p.add_argument("--comfyui", default=os.environ.get("BOFT_COMFYUI_DIR")
-                   or os.path.join(ROOT, ".comfyui", "ComfyUI"), help="ComfyUI checkout")
+    p.add_argument("--comfyui", default=default_comfyui(), help="ComfyUI checkout")
     p.add_argument("--no-core", action="store_true", help="skip core's adapter (ours only)")
     p.add_argument("--patcher", action="store_true", help="time ModelPatcher.patch_model")
     p.add_argument("--lowvram", action="store_true", help="time the per-forward LowVramPatch")
@@ -862,9 +888,11 @@ def parse_args(argv=None):
     p.add_argument("--json", help="also write all numbers to this file")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--block", type=int,
-                   help="largest dense block of the fast path (default: boft_core.fast's)")
+                   help="largest dense block of ours and in place (fast path and kernel plan; "
+                        "default: boft_core.fast.MAX_BLOCK)")
     p.add_argument("--slice", type=int,
-                   help="CPU column slice of the fast path, in elements (default: boft_core.fast's)")
+                   help="column slice of ours and in place's fast path, in elements "
+                        "(default: boft_core.fast's)")
     p.add_argument("--memprobe", help=argparse.SUPPRESS)
     p.add_argument("--memprobe-shape", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -888,10 +916,6 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.block:
-        fast.CPU_BLOCK = fast.GPU_BLOCK = args.block
-    if args.slice:
-        fast.CPU_SLICE = args.slice
     if args.memprobe:
         memory_probe(args)
         return {}
@@ -910,7 +934,7 @@ def main(argv=None) -> dict:
         else:
             gen = torch.Generator(device=device).manual_seed(1000 + i)
             layer.weight = (torch.randn(layer.shape, generator=gen, device=device) * 0.02).half()
-        make_adapters(comfy, layer, device, torch.float16, i)
+        make_adapters(comfy, layer, device, torch.float16, i, args.block, args.slice)
     print(f"[bench] {len(layers)} layers ready in {time.perf_counter() - started:.1f} s",
           file=sys.stderr)
     res = {
@@ -920,9 +944,10 @@ def main(argv=None) -> dict:
         "elements": sum(layer.weight.numel() for layer in layers), "dtype": "float16",
         "work_dtype": str(comfy.work_dtype),
         "runs": args.runs, "contenders": names,
-        "blocks": {"cpu": fast.CPU_BLOCK, "gpu": fast.GPU_BLOCK, "fused (in place, CUDA)": fused.CUDA_BLOCK,
+        "blocks": {"cpu": args.block or fast.MAX_BLOCK["cpu"], "gpu": args.block or fast.MAX_BLOCK["cuda"],
+                   "fused (in place, CUDA)": args.block or fast.MAX_BLOCK["cuda in place"],
                    "fused precision": fused.PRECISION,
-                   "triton": getattr(fused.triton, "__version__", None) if fused.available() else None},
+                   "triton": getattr(kernel.triton, "__version__", None) if fused.available() else None},
     }
     jpath = args.json
     section(res, "accuracy",

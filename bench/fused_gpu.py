@@ -15,6 +15,7 @@ the whole set as one CUDA graph, and the relative Frobenius error against float6
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -28,7 +29,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from bench import graph_replays, power2factorization  # noqa: E402  (bench/bench.py, this folder)
-from boft_core import butterfly, fast, fused  # noqa: E402
+from boft_core import butterfly, fast, fused, kernel  # noqa: E402
 
 DEFAULT_CLASSES = os.path.join(ROOT, "bench", "results", "h200_sdxl_after_shape_check_once.json")
 
@@ -61,8 +62,10 @@ class Contender:
         self.name, self.plans, self.call = name, plans, call
 
 
-def make_contenders(layers, names, layout, max_block):
+def make_contenders(layers, names, layout, max_block, tuning, tunings=None):
+    """``tuning``: the kernel's launch configuration; ``tunings``: per contender name, another."""
     out, bases = {}, {}
+    tunings = tunings or {}
 
     def base_plans(block):
         if block not in bases:
@@ -77,7 +80,7 @@ def make_contenders(layers, names, layout, max_block):
             out[name] = Contender(name, base_plans(max_block), lambda p, x: p.apply_torch_(x))
         else:  # fused-<precision>[-<max_block>]
             _, precision, *block = name.split("-")
-            plans = [p.variant(precision)
+            plans = [p.variant(precision, tunings.get(name, tuning))
                      for p in base_plans(int(block[0]) if block else max_block)]
             out[name] = Contender(name, plans, lambda p, x: p.apply_triton_(x))
     return out
@@ -195,7 +198,6 @@ def sweep(args, device, classes, layout):
     gen = torch.Generator().manual_seed(args.seed)
     res = []
     picks = [c for c in classes if c["label"] in args.sweep_classes]
-    saved = dict(fused.TILES), dict(fused.FMA_TILES), fused.PROGRAMS
     for cls in picks:
         rot = random_rotations(cls["m"], cls["nb"], cls["b"], gen, device).float()
         xs = [torch.randn(cls["n"], cls["cols"], generator=gen).to(device) for _ in range(8)]
@@ -208,11 +210,8 @@ def sweep(args, device, classes, layout):
                         for precision in args.sweep_precisions:
                             if precision == "ieee" and max(pads) > 64:
                                 continue  # the block does not fit the registers: spills, far slower
-                            table = fused.FMA_TILES if precision == "fma" else fused.TILES
-                            for pad in pads:
-                                table[pad] = (bn, warps)
-                            fused.PROGRAMS = programs
-                            plan = base.variant(precision)
+                            plan = base.variant(precision, tuned(kernel.DEFAULT_TUNING, precision,
+                                                                 {pad: (bn, warps) for pad in pads}, programs))
                             cont = Contender("x", [plan] * len(xs), lambda p, x: p.apply_triton_(x))
                             try:
                                 gpu_times(cont, xs, xs, 1, device)
@@ -226,12 +225,15 @@ def sweep(args, device, classes, layout):
                             res.append(row)
                             print(f"  {cls['label']:22s} max_block={max_block:3d} d={row['d']} BN={bn:3d} "
                                   f"w={warps} P={programs} {precision:6s} {us:8.1f} us")
-            fused.TILES.clear()
-            fused.TILES.update(saved[0])
-            fused.FMA_TILES.clear()
-            fused.FMA_TILES.update(saved[1])
-            fused.PROGRAMS = saved[2]
     return res
+
+
+def tuned(base: kernel.KernelTuning, precision: str, tiles: dict, programs: int | None) -> kernel.KernelTuning:
+    """``base`` with ``tiles`` (padded D -> (BN, warps)) for ``precision``'s table and ``programs``."""
+    field = "fma_tiles" if precision == "fma" else "tiles"
+    table = {**getattr(base, field), **tiles}
+    return dataclasses.replace(base, **{field: table},
+                               programs=base.programs if programs is None else programs)
 
 
 def main(argv=None):
@@ -254,13 +256,13 @@ def main(argv=None):
                     help="max_block values the sweep tries")
     ap.add_argument("--sweep-bn", default="32,64,128", type=lambda s: [int(v) for v in s.split(",")])
     ap.add_argument("--sweep-programs", default="0", type=lambda s: [int(v) for v in s.split(",")],
-                    help="fused.PROGRAMS values (programs per run in SMs; 0: one per block and tile)")
+                    help="KernelTuning.programs values (programs per run in SMs; 0: one per block and tile)")
     ap.add_argument("--sweep-warps", default="4,8", type=lambda s: [int(v) for v in s.split(",")])
     ap.add_argument("--sweep-precisions", default="tf32x3,fma", type=lambda s: s.split(","))
     ap.add_argument("--auto", action="store_true",
                     help="after --sweep: per precision, the fastest (max_block, tile) becomes a contender")
-    ap.add_argument("--tiles", help="set fused.TILES entries, e.g. 64:128:4,128:64:8 (D:BN:warps)")
-    ap.add_argument("--programs", type=int, help="set fused.PROGRAMS")
+    ap.add_argument("--tiles", help="KernelTuning.tiles entries, e.g. 64:128:4,128:64:8 (D:BN:warps)")
+    ap.add_argument("--programs", type=int, help="KernelTuning.programs")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA graph replay")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
@@ -268,21 +270,20 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
     device = torch.device("cuda")
-    print(f"torch {torch.__version__}, triton {getattr(fused.triton, '__version__', None)}, "
+    print(f"torch {torch.__version__}, triton {getattr(kernel.triton, '__version__', None)}, "
           f"{torch.cuda.get_device_name(device)}, fused.available()={fused.available()}")
     result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-              "triton": getattr(fused.triton, "__version__", None), "argv": sys.argv[1:]}
+              "triton": getattr(kernel.triton, "__version__", None), "argv": sys.argv[1:]}
     if args.check or args.only_check:
         result["check_worst"] = check(args, device)
         if args.only_check:
             return result
-    if args.tiles:
-        for item in args.tiles.split(","):
-            big, bn, warps = (int(v) for v in item.split(":"))
-            fused.TILES[big] = (bn, warps)
-    if args.programs is not None:
-        fused.PROGRAMS = args.programs
-    result["tiles"], result["programs"] = dict(fused.TILES), fused.PROGRAMS
+    tiles = {}
+    for item in (args.tiles or "").split(",") if args.tiles else []:
+        big, bn, warps = (int(v) for v in item.split(":"))
+        tiles[big] = (bn, warps)
+    tuning = tuned(kernel.DEFAULT_TUNING, "tf32x3", tiles, args.programs)
+    result["tiles"], result["programs"] = dict(tuning.tiles), tuning.programs
     layout = args.layout
     classes = load_classes(args.classes, args.lora_dim)
     if args.sweep:
@@ -306,18 +307,20 @@ def main(argv=None):
         for row in result["sweep"]:
             if row["us"] == row["us"] and (row["precision"] not in best or row["us"] < best[row["precision"]]["us"]):
                 best[row["precision"]] = row
+        tunings = {}
         for precision, row in best.items():
-            table = fused.FMA_TILES if precision == "fma" else fused.TILES
-            for d in row["d"]:
-                table[max(16, 1 << (d - 1).bit_length())] = (row["bn"], row["warps"])
-            fused.PROGRAMS = row["programs"]
-            names.append(f"fused-{precision}-{row['max_block']}")
+            pads = {max(16, 1 << (d - 1).bit_length()): (row["bn"], row["warps"]) for d in row["d"]}
+            name = f"fused-{precision}-{row['max_block']}"
+            tunings[name] = tuned(tuning, precision, pads, row["programs"])
+            names.append(name)
             print(f"auto: {precision}: max_block {row['max_block']} BN {row['bn']} warps {row['warps']} "
                   f"programs {row['programs']} ({row['us']:.1f} us)")
         result["auto"] = best
-        result["tiles"], result["fma_tiles"] = dict(fused.TILES), dict(fused.FMA_TILES)
+        result["auto_tunings"] = {name: {"tiles": t.tiles, "fma_tiles": t.fma_tiles, "programs": t.programs}
+                                  for name, t in tunings.items()}
     t = time.perf_counter()
-    contenders = make_contenders(layers, names, layout, args.max_block)
+    contenders = make_contenders(layers, names, layout, args.max_block, tuning,
+                                 tunings if args.auto and args.sweep else None)
     print(f"plans built in {time.perf_counter() - t:.1f} s")
     result["contenders"] = {}
     egen = torch.Generator(device=device).manual_seed(args.seed + 1)

@@ -131,10 +131,10 @@ class PatchCache:
     def plan(self, token: str, layer: Callable[[], BoftLayer], strength: float, mode: str,
              dtype: torch.dtype, device) -> tuple[merge.Patch, fused.FusedButterfly] | None:
         """The host Patch and its in-place kernel plan (``scale * B``) on CUDA ``device``, for
-        ``merge.apply_(patch, weight, plan)``; None where the kernel does not apply (CPU, no
+        ``merge.try_merge_into(patch, weight, plan)``; None where the kernel does not apply (CPU, no
         Triton, input-side layers, the linear mode's blend, float64)."""
         dev = device_key(device)
-        if not dev.startswith("cuda") or dtype != torch.float32 or not fused.available():
+        if dtype != torch.float32 or not merge.batches_on(dev):
             return None
         host = self._host_entry(token, layer, strength, mode, dtype, device)
         if host.plan is None:
@@ -210,8 +210,7 @@ class PatchCache:
 
     def _kernel_plan(self, patch: merge.Patch, dev: str) -> fused.FusedButterfly | None:
         """The in-place kernel plan of ``patch`` (built where it is) if a CUDA target merges with it."""
-        if dev.startswith("cuda") and patch.side == "out" and patch.blend is None \
-                and patch.rotations.dtype == torch.float32 and fused.available():
+        if dev.startswith("cuda") and merge.kernel_merges(patch):
             return patch.fused()
         return None
 

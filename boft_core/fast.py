@@ -12,7 +12,18 @@ gathers instead of ``m`` gathers, tiny matmuls and scatters. On the CPU the colu
 a slice at a time, so every pass but the first read and the last write stays in the cache.
 
 :class:`Butterfly` holds the dense blocks (build it once per rotation tensor and reuse it);
-:func:`apply_stages` has the contract of ``butterfly.apply_stages``, which stays the reference.
+:func:`apply_dense` has the contract of ``butterfly.apply_stages``, which stays the reference.
+
+The three engines, one contract (``B @ x``, ``Bᵀ @ x`` for ``x`` of shape ``(n, ...)``):
+
+* ``butterfly.apply_stages``: the reference (per stage a gather, a tiny ``bmm``, a scatter);
+* :class:`Butterfly` (here): dense blocks, any device and dtype; ``apply(x, out=None)`` and
+  ``apply_(x)`` (in place, through a column-slice buffer);
+* ``fused.FusedButterfly``: in place, rows never move, the scale folded in; ``apply(x,
+  out=None)`` and ``apply_(x)``, which chooses the Triton kernel or its torch path.
+
+Which one merges a given weight is decided in one place, ``merge.try_merge_into`` (the in-place
+merge) with ``merge.kernel_merges`` (whether a patch goes to the kernel at all).
 """
 
 from __future__ import annotations
@@ -24,16 +35,26 @@ import torch
 
 from .butterfly import CONCATENATED, INTERLEAVED, check_butterfly_shape
 
-# Largest dense block d (rows mixed by one batched matmul). Larger blocks mean fewer passes
-# over the weight but more arithmetic (2*d multiply-adds per element and pass); measured in
-# bench/RESULTS.md.
-CPU_BLOCK = 40
-GPU_BLOCK = 80
+# Largest dense block d (rows mixed by one batched matmul), the one table of them. Larger
+# blocks mean fewer passes over the weight but more arithmetic (2*d multiply-adds per element and
+# pass); measured in bench/RESULTS.md. "cuda in place": the Triton kernel's plans (fused.py):
+# d = 40, padded to 64 for tl.dot, for b = 10; on an H200 it beat 80 (padded to 128) on every
+# SDXL class measured: 36 against 47 us for a 1280x1280 layer, 301 against 402 us for 10240x1280.
+MAX_BLOCK = {"cpu": 40, "cuda": 80, "cuda in place": 40}
 # Column slice on the CPU, in elements of the (rows x slice) working buffer: a few MB of float32
 # stay in the cache between passes.
 CPU_SLICE = 1 << 18
 # Column slice on a GPU for float16/bfloat16 x (computed in float32 a slice at a time), elements.
 GPU_HALF_SLICE = 1 << 22
+
+
+def default_block(device, in_place: bool = False) -> int:
+    """The largest dense block for plans whose blocks live on ``device`` (:data:`MAX_BLOCK`);
+    ``in_place``: for ``fused.FusedButterfly``'s kernel rather than :class:`Butterfly`."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return MAX_BLOCK["cuda in place" if in_place else "cuda"]
+    return MAX_BLOCK["cpu"]
 
 
 def check_rotations(rotations: torch.Tensor, layout: str) -> tuple[int, int, int]:
@@ -124,15 +145,17 @@ class Butterfly:
     """``B`` (or ``Bᵀ``) of ``rotations`` (m, nb, b, b) as dense blocks, ready for many ``x``.
 
     ``apply(x)`` equals ``butterfly.apply_stages(x, rotations, layout, transpose)`` for any
-    ``x`` of shape ``(nb*b, ...)`` with the rotations' dtype and device.
+    ``x`` of shape ``(nb*b, ...)`` with the rotations' dtype and device. Tuning: ``max_block``
+    (default :func:`default_block`) and ``slice_cols``, the default of :meth:`apply`'s.
     """
 
     def __init__(self, rotations: torch.Tensor, layout: str, transpose: bool = False,
-                 max_block: int | None = None):
+                 max_block: int | None = None, slice_cols: int | None = None):
         layout_name = layout
+        self.slice_cols = slice_cols
         m, nb, b = check_rotations(rotations, layout)
         if max_block is None:
-            max_block = GPU_BLOCK if rotations.device.type == "cuda" else CPU_BLOCK
+            max_block = default_block(rotations.device)
         self.n = nb * b
         self.transpose = transpose
         self.unit, self.sizes, runs = row_axes(m, nb, b, max_block)
@@ -198,6 +221,8 @@ class Butterfly:
         flat = x.reshape(self.n, -1)
         cols = flat.shape[1]
         if slice_cols is None:
+            slice_cols = self.slice_cols
+        if slice_cols is None:
             if x.device.type == "cpu":
                 slice_cols = max(32, CPU_SLICE // self.n)
             else:
@@ -233,6 +258,10 @@ class Butterfly:
                     part.mul_(col_scale[c0:c0 + part.shape[1]])
                 cut.copy_(part)  # (rounds to dest's dtype once)
         return dest.view(x.shape) if out is None else out
+
+    def apply_(self, x: torch.Tensor, slice_cols: int | None = None) -> torch.Tensor:
+        """``x = B @ x`` in place (through a column-slice buffer); returns ``x``."""
+        return self.apply(x, slice_cols=slice_cols, out=x)
 
     def _run(self, x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """All steps on ``x`` (n, w), rows as the last step left them: a new (n, w) tensor, or a
@@ -293,8 +322,8 @@ def _stage(x: torch.Tensor, rot: torch.Tensor, i: int, layout: str) -> torch.Ten
     return out.reshape(-1, w)
 
 
-def apply_stages(x: torch.Tensor, rotations: torch.Tensor, layout: str,
-                 transpose: bool = False) -> torch.Tensor:
+def apply_dense(x: torch.Tensor, rotations: torch.Tensor, layout: str,
+                transpose: bool = False) -> torch.Tensor:
     """``B @ x`` (or ``Bᵀ @ x``); same contract and result as ``butterfly.apply_stages``.
 
     Builds the dense blocks on every call; keep a :class:`Butterfly` to reuse them.

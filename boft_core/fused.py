@@ -26,6 +26,10 @@ plan of several runs goes a column slice at a time through a float32 scratch of 
 scratch -> ``x``), never a float32 buffer the size of the weight. ``scale`` (a per-row factor
 applied after ``B``) is folded into the last run's blocks, so ``S B x`` costs no extra pass.
 
+The plan is built here; ``kernel.py`` turns a run into a Triton launch (tile sizes and warps
+by :class:`~.kernel.KernelTuning`, an argument), and ``triton_launcher.py`` holds the only code
+that depends on Triton's internals.
+
 Precision (``precision``): ``"tf32x3"`` (default: ``tl.dot`` as three TF32 products, about
 4e-7 relative error on the SDXL set), ``"fma"`` (no ``tl.dot``: rank-1 updates in float32, about
 2e-7, slower), ``"ieee"`` (``tl.dot`` in float32 FMA; spills badly for blocks over 64 rows),
@@ -41,51 +45,65 @@ import torch
 
 from . import fast
 from .butterfly import CONCATENATED, INTERLEAVED
+from .kernel import (
+    DEFAULT_TUNING,
+    KERNEL_DTYPES,
+    PRECISION,
+    PRECISIONS,
+    KernelTuning,
+    available,
+    triton,  # None without Triton
+)
+from .kernel import launch as _kernel_launch
 
-try:  # optional: only the CUDA kernels need it
-    import triton
-    import triton.language as tl
-    from triton import knobs as _knobs
-    from triton.runtime import driver as _driver
-except ImportError:  # pragma: no cover - depends on the machine
-    triton = tl = _knobs = _driver = None
+__all__ = ["KERNEL_DTYPES", "PRECISION", "PRECISIONS", "FusedButterfly", "KernelTuning", "Run", "available",
+           "contiguous_rows", "kernel_takes", "rows_view", "triton", "usable"]
 
-# The Triton kernel's arithmetic (see the module doc).
-PRECISION = "tf32x3"
-PRECISIONS = ("tf32x3", "fma", "ieee", "tf32")
-# Largest dense block d of a plan on a CUDA device: h * 2^k <= this (d = 40, padded to 64 for
-# tl.dot, for b = 10). On an H200 it beat 80 (padded to 128) on every SDXL class measured:
-# 36 against 47 us for a 1280x1280 layer, 301 against 402 us for 10240x1280.
-CUDA_BLOCK = 40
-# What the kernels read and write; they compute in float32 and round once (see the module doc).
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Default float32 scratch for half-precision x with several runs, in elements (16 MB).
 SCRATCH_ELEMS = 1 << 22
 
-
-_AVAILABLE = None
 _VERIFIED: dict = {}  # CUDA device -> whether the kernel passed its self-test there
 
 
-def available() -> bool:
-    """Whether the Triton kernels can run here (Triton importable and a CUDA device present)."""
-    global _AVAILABLE
-    if _AVAILABLE is None:
-        _AVAILABLE = triton is not None and torch.cuda.is_available()
-    return _AVAILABLE
+def rows_view(x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` as ``(rows, the rest)`` without a copy (rows may be strided; the other dimensions
+    must form one block), or None when only a copy could make it."""
+    if x.ndim == 2:
+        return x
+    try:
+        return x.view(x.shape[0], -1)
+    except RuntimeError:
+        return None
+
+
+def contiguous_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` as ``(rows, the rest)`` without a copy and with unit column stride (each row one
+    contiguous line, as ComfyUI's working copies and their row slices are), or None."""
+    flat = rows_view(x)
+    if flat is None or (flat.stride(1) != 1 and flat.shape[1] > 1):
+        return None
+    return flat
+
+
+def kernel_takes(x: torch.Tensor) -> bool:
+    """Whether the Triton kernel can compute on ``x`` in place: Triton and CUDA here, ``x`` a
+    :data:`KERNEL_DTYPES` CUDA tensor whose rows are contiguous lines (:func:`contiguous_rows`;
+    a single column is one too, whatever its stride), not tracked by autograd (the kernel writes
+    behind its back). Says nothing about the self-test: see :func:`usable`."""
+    if not (x.is_cuda and x.dtype in KERNEL_DTYPES and available()):
+        return False
+    if contiguous_rows(x) is None:
+        return False
+    return not (x.requires_grad and torch.is_grad_enabled())
 
 
 def usable(x: torch.Tensor) -> bool:
-    """Whether :meth:`FusedButterfly.apply_triton_` should take ``x``: a 2-D float32, float16 or
-    bfloat16 CUDA tensor with contiguous rows and at least two columns, on a device where the kernel has passed a
+    """Whether the chooser (:meth:`FusedButterfly.apply_`, ``merge.try_merge_into``) sends ``x``
+    to the Triton kernel: :func:`kernel_takes` it, on a device where the kernel has passed a
     self-test (run once per device against the float64 reference; the launcher the kernel uses
     after its first call belongs to Triton's internals, so a Triton that changed it falls back to
     the torch path with a warning instead of computing garbage)."""
-    if not (x.is_cuda and x.dtype in KERNEL_DTYPES and x.ndim == 2 and available()):
-        return False
-    if x.shape[1] < 2 or x.stride(1) != 1:  # (Triton would specialise a stride or width of 1 away)
-        return False
-    if x.requires_grad and torch.is_grad_enabled():  # the kernel writes behind autograd's back
+    if not kernel_takes(x):
         return False
     ok = _VERIFIED.get(x.device)
     if ok is None:
@@ -181,21 +199,22 @@ class FusedButterfly:
     with ``scale * butterfly.apply_stages(x, rotations, layout, transpose)`` and returns it.
     ``scale``: optional (nb*b,) factors for the result's rows, folded into the last run's blocks.
     ``precision``: the Triton kernel's arithmetic (default ``PRECISION``). ``max_block``: largest
-    dense block (default ``CUDA_BLOCK`` for rotations on a CUDA device, ``fast.CPU_BLOCK``
-    otherwise).
+    dense block (default ``fast.default_block(device, in_place=True)``). ``tuning``: the kernel's
+    launch configuration (default ``kernel.DEFAULT_TUNING``).
     """
 
     def __init__(self, rotations: torch.Tensor, layout: str, transpose: bool = False,
                  max_block: int | None = None, precision: str | None = None,
-                 scale: torch.Tensor | None = None):
+                 scale: torch.Tensor | None = None, tuning: KernelTuning | None = None):
         m, nb, b = fast.check_rotations(rotations, layout)
         if max_block is None:
-            max_block = CUDA_BLOCK if rotations.device.type == "cuda" else fast.CPU_BLOCK
+            max_block = fast.default_block(rotations.device, in_place=True)
         self.n = nb * b
         self.transpose = transpose
         self.precision = PRECISION if precision is None else precision
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}")
+        self.tuning = DEFAULT_TUNING if tuning is None else tuning
         if scale is not None and tuple(scale.shape) != (self.n,):
             raise ValueError(f"scale must have {self.n} values, got shape {tuple(scale.shape)}")
         device = rotations.device
@@ -273,24 +292,25 @@ class FusedButterfly:
         template.storage = storage[0]
         return [template.with_storage(storage[i]) for i in range(parts)]
 
-    def variant(self, precision: str) -> FusedButterfly:
-        """The same plan (shared blocks) with another kernel precision."""
-        if precision not in PRECISIONS:
+    def variant(self, precision: str | None = None, tuning: KernelTuning | None = None) -> FusedButterfly:
+        """The same plan (shared blocks) with another kernel precision and/or launch tuning."""
+        if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}")
         other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)
-        other.precision = precision
+        other.precision = self.precision if precision is None else precision
+        other.tuning = self.tuning if tuning is None else tuning
         other._launch = {}
         return other
 
     # --- applying -----------------------------------------------------------------------------
 
     def apply_(self, x: torch.Tensor) -> torch.Tensor:
-        """``x = S B @ x`` in place; returns ``x``. Triton when :func:`available`, ``x`` is on the
-        plan's CUDA device in a :data:`KERNEL_DTYPES` dtype and its rows are contiguous
-        (``x.view(n, -1).stride(1) == 1``), else the torch path (a transposed view, for one)."""
+        """``x = S B @ x`` in place; returns ``x``. The chooser: the Triton kernel when the plan
+        can launch it for ``x`` (:meth:`kernel_rows`: float32 blocks on ``x``'s device, and
+        :func:`usable`, self-test included), else the torch path (a transposed view, for one)."""
         self._check(x)
-        if self._triton_rows(x) is not None:
+        if self.kernel_rows(x) is not None and usable(x):
             return self.apply_triton_(x)
         return self.apply_torch_(x)
 
@@ -312,7 +332,8 @@ class FusedButterfly:
         dtype = self.storage.dtype
         if x.dtype not in (dtype, torch.float16, torch.bfloat16) or x.device != self.storage.device:
             raise ValueError(f"x is {x.dtype} on {x.device}, the plan {dtype} on {self.storage.device}")
-        flat = x.view(self.n, -1) if _viewable(x) else x.reshape(self.n, -1).clone()
+        view = rows_view(x)
+        flat = view if view is not None else x.reshape(self.n, -1).clone()
         width = flat.shape[1]
         if x.dtype == dtype:
             self._torch_runs(flat)
@@ -322,7 +343,7 @@ class FusedButterfly:
                 part = flat[:, c0:c0 + step].to(dtype)
                 self._torch_runs(part)
                 flat[:, c0:c0 + step] = part
-        if not _viewable(x):
+        if view is None:
             x.copy_(flat.view(x.shape))
         return x
 
@@ -336,13 +357,14 @@ class FusedButterfly:
     def apply_triton_(self, x: torch.Tensor, scratch_elems: int | None = None) -> torch.Tensor:
         """The plan with the Triton kernel, in place: one launch per run (per column slice for a
         half-precision ``x`` with several runs, through a float32 scratch of at most
-        ``scratch_elems`` elements, default ``SCRATCH_ELEMS``); see :meth:`apply_`."""
+        ``scratch_elems`` elements, default ``SCRATCH_ELEMS``). Forces the kernel (tests, the
+        self-test, benchmarks) without asking for the self-test; :meth:`apply_` chooses."""
         self._check(x)
-        flat = self._triton_rows(x)
+        flat = self.kernel_rows(x)
         if flat is None:
-            raise ValueError("the Triton path needs Triton and an x on the plan's CUDA device in "
-                             f"{', '.join(map(str, KERNEL_DTYPES))} whose rows are contiguous "
-                             "(x.view(n, -1).stride(1) == 1)")
+            raise ValueError("the Triton path needs Triton, float32 blocks and an x on the plan's CUDA "
+                             f"device in {', '.join(map(str, KERNEL_DTYPES))} whose rows are contiguous "
+                             "lines (x.view(n, -1).stride(1) == 1)")
         cols = flat.shape[1]
         if cols == 0:
             return x
@@ -378,7 +400,8 @@ class FusedButterfly:
             last = len(self.runs) - 1
             s, t = src.stride(0), dst.stride(0)
             launches = self._launch[key] = [
-                _run_launch(run, cols, s if j == 0 else t, s if j == last and j > 0 else t, self.precision)
+                _kernel_launch(run.geometry, run.count, run.d, run.padded, run.offset, cols, s if j == 0 else t,
+                               s if j == last and j > 0 else t, self.precision, self.tuning)
                 for j, run in enumerate(self.runs)]
         return launches
 
@@ -388,183 +411,9 @@ class FusedButterfly:
         if x.shape[0] != self.n:
             raise ValueError(f"butterfly acts on {self.n} rows, got a tensor of shape {tuple(x.shape)}")
 
-    def _triton_rows(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``x`` as (n, cols) with unit column stride, if the Triton kernel can take it; else None."""
-        if not (x.is_cuda and x.dtype in KERNEL_DTYPES and available() and self.storage.dtype == torch.float32
-                and x.device == self.storage.device):
+    def kernel_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x`` as (n, cols) if this plan can launch the Triton kernel on it (float32 blocks on
+        ``x``'s device, :func:`kernel_takes`); else None."""
+        if self.storage.dtype != torch.float32 or x.device != self.storage.device or not kernel_takes(x):
             return None
-        if x.ndim == 2:
-            flat = x
-        elif _viewable(x):
-            flat = x.view(self.n, -1)
-        else:
-            return None
-        return flat if flat.stride(1) == 1 or flat.shape[1] == 1 else None
-
-    def _triton_ok(self, x: torch.Tensor) -> bool:
-        return self._triton_rows(x) is not None
-
-
-def _viewable(x: torch.Tensor) -> bool:
-    """Whether ``x.view(n, -1)`` works (rows may be strided; the rest must be one block)."""
-    if x.ndim <= 2:
-        return True
-    try:
-        x.view(x.shape[0], -1)
-    except RuntimeError:
-        return False
-    return True
-
-
-def apply_(x: torch.Tensor, rotations: torch.Tensor, layout: str, transpose: bool = False) -> torch.Tensor:
-    """``x = B @ x`` in place (``butterfly.apply_stages``'s result); builds the plan each call."""
-    return FusedButterfly(rotations, layout, transpose).apply_(x)
-
-
-# --- Triton ---------------------------------------------------------------------------------------
-
-# (column tile BN, warps) per padded block size D, for tl.dot and for "fma". Measured on an H200
-# (bench/fused_gpu.py --sweep, a 1280x1280 layer): D = 64: BN 64 / 4 warps 36 us, the other
-# (BN 32..256, 4 or 8 warps) 38..78 us; D = 128: BN 64 / 8 warps 47 us. D = 16 and 256: guesses.
-TILES = {16: (64, 4), 32: (64, 4), 64: (64, 4), 128: (64, 8), 256: (32, 8)}
-FMA_TILES = {16: (64, 4), 32: (64, 4), 64: (64, 4), 128: (64, 4), 256: (32, 8)}
-# Software-pipelining stages (num_stages) of the kernels.
-STAGES = 1
-# Programs per run, in multiples of the SM count: column tiles are shared out so that each program
-# loads its block once for several tiles. 0: one program per (block, column tile), which measured
-# faster (1280x1280: 36 against 44 us with 2 x SMs).
-PROGRAMS = 0
-
-
-def _tile(table: dict, big: int) -> tuple[int, int]:
-    return table.get(big, (32, 8))
-
-
-if triton is not None:
-
-    @triton.jit
-    def _run_kernel(src_ptr, dst_ptr, blk_ptr, cols, stride_s, stride_d,
-                    INNER: tl.constexpr, SIZE: tl.constexpr, UNIT: tl.constexpr, d: tl.constexpr,
-                    D: tl.constexpr, BN: tl.constexpr, TPP: tl.constexpr, PREC: tl.constexpr):
-        """One run from src to dst (n, cols), unit column stride (they may be the same tensor):
-        program (block k, column chunk c) does rows idx[k] (``Run.geometry``'s formula) of column
-        tiles c, c + chunks, ... (TPP of them), in float32, stored in dst's dtype."""
-        k = tl.program_id(0)
-        r = tl.arange(0, D)
-        rows = (k // INNER) * (SIZE * INNER * UNIT) + (r // UNIT) * (INNER * UNIT) + (k % INNER) * UNIT + r % UNIT
-        rmask = r < d
-        soff = rows.to(tl.int64) * stride_s
-        doff = rows.to(tl.int64) * stride_d
-        blk = tl.load(blk_ptr + k.to(tl.int64) * (d * d) + r[:, None] * d + r[None, :],
-                      mask=rmask[:, None] & rmask[None, :], other=0.0)  # zero-padded to D x D
-        for i in range(TPP):
-            cc = (tl.program_id(1) + i * tl.num_programs(1)) * BN + tl.arange(0, BN)
-            mask = rmask[:, None] & (cc < cols)[None, :]
-            tile = tl.load(src_ptr + soff[:, None] + cc[None, :], mask=mask, other=0.0).to(tl.float32)
-            # tl.dot reads the whole tile (through shared memory) before any thread stores
-            out = tl.dot(blk, tile, input_precision=PREC)
-            tl.store(dst_ptr + doff[:, None] + cc[None, :], out.to(dst_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _run_kernel_fma(src_ptr, dst_ptr, blk_ptr, cols, stride_s, stride_d,
-                        INNER: tl.constexpr, SIZE: tl.constexpr, UNIT: tl.constexpr, d: tl.constexpr,
-                        D: tl.constexpr, BN: tl.constexpr, TPP: tl.constexpr):
-        """``_run_kernel`` without tl.dot: d rank-1 updates in float32 (exact FMA, no padding in k)."""
-        k = tl.program_id(0)
-        r = tl.arange(0, D)
-        base = (k // INNER) * (SIZE * INNER * UNIT) + (k % INNER) * UNIT
-        rows = base + (r // UNIT) * (INNER * UNIT) + r % UNIT
-        rmask = r < d
-        doff = rows.to(tl.int64) * stride_d
-        bptr = blk_ptr + k.to(tl.int64) * (d * d) + r * d
-        for i in range(TPP):
-            cc = (tl.program_id(1) + i * tl.num_programs(1)) * BN + tl.arange(0, BN)
-            cmask = cc < cols
-            acc = tl.zeros((D, BN), dtype=tl.float32)
-            for j in range(d):
-                rj = base + (j // UNIT) * (INNER * UNIT) + j % UNIT
-                xr = tl.load(src_ptr + rj.to(tl.int64) * stride_s + cc, mask=cmask, other=0.0).to(tl.float32)
-                acc += tl.load(bptr + j, mask=rmask, other=0.0)[:, None] * xr[None, :]
-            tl.debug_barrier()  # every thread has read these rows before any writes them
-            tl.store(dst_ptr + doff[:, None] + cc[None, :], acc.to(dst_ptr.dtype.element_ty),
-                     mask=rmask[:, None] & cmask[None, :])
-
-
-_COMPILED: dict = {}  # specialisation -> compiled kernel, shared by every plan's launches
-
-
-class _Launch:
-    """One kernel launch with its grid, sizes and strides fixed; the tensors come with each call.
-
-    The first call goes through Triton's JIT (compiling if needed); later calls hand the
-    arguments straight to the compiled kernel's launcher, which skips the JIT's argument binding
-    and cache lookup. The tensors must keep the dtypes and 16-byte alignment they had (the
-    specialisation Triton compiled for; ``FusedButterfly`` keys its launches on them, and a
-    plan's blocks start at 16-byte multiples of an allocation).
-    """
-
-    def __init__(self, kernel, grid: tuple, ints: tuple, consts: dict, num_warps: int, run: Run):
-        self.kernel, self.grid, self.ints, self.consts = kernel, grid, ints, consts
-        self.num_warps, self.offset, self.size = num_warps, run.offset, run.size
-        self.compiled = None
-
-    def _specialisation(self, args: list) -> tuple:
-        """What Triton compiles a kernel for besides the constants: the pointers' dtypes and
-        16-byte alignment; the integers' value 1 (a constant then), divisibility by 16 and width."""
-        flags = tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
-                      else (a == 1, a % 16 == 0, -2**31 <= a < 2**31) for a in args)
-        return (self.kernel, tuple(self.consts.items()), self.num_warps, STAGES, args[0].device, flags)
-
-    def __call__(self, src: torch.Tensor, dst: torch.Tensor, storage: torch.Tensor) -> None:
-        args = [src, dst, storage[self.offset:self.offset + self.size], *self.ints]
-        c = self.compiled
-        if c is None:
-            # another plan's launch of the same specialisation (layers of one shape) already
-            # compiled it: skip the JIT's binding, which costs more than the kernel here
-            c = self.compiled = _COMPILED.get(self._specialisation(args))
-        if c is None:
-            # The JIT path: compiles on first use and returns the compiled kernel (None when
-            # interpreted, TRITON_INTERPRET=1, which then stays on this path).
-            compiled = self.kernel[self.grid](*args, **self.consts, num_warps=self.num_warps, num_stages=STAGES)
-            if compiled is not None:
-                self.compiled = _COMPILED[self._specialisation(args)] = compiled
-            return
-        stream = _driver.active.get_current_stream(_driver.active.get_current_device())
-        enter = _knobs.runtime.launch_enter_hook
-        if enter is None:
-            c.run(self.grid[0], self.grid[1], self.grid[2], stream, c.function, c.packed_metadata, None, None,
-                  None, *args, *self.consts.values())
-        else:  # hooks (a profiler, or a library that watches launches) get what the JIT gives them
-            meta = c.launch_metadata(self.grid, stream, *args, *self.consts.values())
-            c.run(self.grid[0], self.grid[1], self.grid[2], stream, c.function, c.packed_metadata, meta, enter,
-                  _knobs.runtime.launch_exit_hook, *args, *self.consts.values())
-
-
-def _run_launch(run: Run, cols: int, stride_in: int, stride_out: int, precision: str) -> _Launch:
-    bn, warps = _tile(FMA_TILES if precision == "fma" else TILES, run.padded)
-    tiles = triton.cdiv(cols, bn)
-    nblk = run.count
-    if PROGRAMS > 0:
-        chunks = min(tiles, max(1, -(-PROGRAMS * _sm_count() // nblk)))
-        per = -(-tiles // chunks)
-        chunks = -(-tiles // per)
-    else:
-        chunks, per = tiles, 1
-    inner, size, unit = run.geometry
-    consts = {"INNER": inner, "SIZE": size, "UNIT": unit, "d": run.d, "D": run.padded, "BN": bn, "TPP": per}
-    if precision == "fma":
-        kernel = _run_kernel_fma
-    else:
-        kernel = _run_kernel
-        consts["PREC"] = precision
-    return _Launch(kernel, (nblk, chunks, 1), (cols, stride_in, stride_out), consts, warps, run)
-
-
-_SMS = None
-
-
-def _sm_count() -> int:
-    global _SMS
-    if _SMS is None:
-        _SMS = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return _SMS
+        return contiguous_rows(x)

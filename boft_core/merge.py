@@ -10,7 +10,7 @@ Modes (``s`` = strength):
   inverse rotation); the scale is ``1 + s*(scale - 1)``; ``s = 0`` gives ``W`` exactly.
 
 All modes agree at ``s = 1``. Computation runs in float32 (float64 for float64 weights) and the
-result has the weight's own dtype; float16/bfloat16 weights merged in place (:func:`apply_`) are
+result has the weight's own dtype; float16/bfloat16 weights merged in place (:func:`try_merge_into`) are
 computed in float32 a column slice (or a kernel tile) at a time and rounded once.
 """
 
@@ -27,6 +27,28 @@ from .fast import Butterfly
 from .formats import BoftError, BoftLayer
 
 MODES = ("lycoris", "linear", "orthogonal")
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`MODES`, else BoftError."""
+    if mode not in MODES:
+        raise BoftError(f"unknown strength mode {mode!r}; expected one of {', '.join(MODES)}.")
+    return mode
+
+
+def batches_on(device) -> bool:
+    """Whether preparing many layers at once (:func:`prepare_many`) pays on ``device``: where the
+    Triton kernel runs (a CUDA device with Triton), one batched Cayley solve and plan build
+    replace dozens of small kernels per layer. The loader nodes ask this before batching."""
+    return device is not None and torch.device(device).type == "cuda" and fused.available()
+
+
+def kernel_merges(patch: Patch) -> bool:
+    """Whether the Triton kernel's in-place plan (:meth:`Patch.fused`) merges ``patch``: on a
+    device where it runs (:func:`batches_on`), output side (rows of the weight), float32
+    rotations and no linear blend. Otherwise :func:`try_merge_into` uses :class:`fast.Butterfly`."""
+    return (patch.side == "out" and patch.blend is None and patch.rotations.dtype == torch.float32
+            and batches_on(patch.rotations.device))
 
 
 def generators(layer: BoftLayer, dtype=torch.float32, parts: int = 1) -> torch.Tensor:
@@ -106,8 +128,7 @@ def prepare_many(layers: list[BoftLayer], strength: float = 1.0, mode: str = "ly
         nb = first.blocks.shape[1]
         mine = [_patch(layers[i], rotations[:, j * nb:(j + 1) * nb], blend, strength, mode, dtype)
                 for j, i in enumerate(members)]
-        if (len(members) > 1 and rotations.is_cuda and fused.available() and first.side == "out"
-                and rotations.dtype == torch.float32 and blend is None):
+        if len(members) > 1 and kernel_merges(mine[0]):
             n = nb * first.blocks.shape[2]
             scale = None
             if any(p.scale is not None for p in mine):
@@ -115,7 +136,7 @@ def prepare_many(layers: list[BoftLayer], strength: float = 1.0, mode: str = "ly
                                    for p in mine])
             plans = fused.FusedButterfly(rotations, first.layout, scale=scale).split(len(members))
             for patch, plan in zip(mine, plans, strict=True):
-                patch._plans["fused"] = plan
+                patch.kept("fused", lambda plan=plan: plan)
         for i, patch in zip(members, mine, strict=True):
             patches[i] = patch
     return patches
@@ -123,8 +144,7 @@ def prepare_many(layers: list[BoftLayer], strength: float = 1.0, mode: str = "ly
 
 def _rotations(q: torch.Tensor, strength: float, mode: str) -> tuple[torch.Tensor, float | None]:
     """The orthogonal blocks for generators ``q`` at ``strength`` in ``mode``, and the blend."""
-    if mode not in MODES:
-        raise BoftError(f"unknown strength mode {mode!r}; expected one of {', '.join(MODES)}.")
+    check_mode(mode)
     if mode == "orthogonal":
         return cayley(q * strength), None
     rotations = cayley(q)
@@ -145,14 +165,27 @@ def _patch(layer: BoftLayer, rotations, blend, strength: float, mode: str, dtype
     return Patch(layer.name, layer.side, layer.layout, rotations, scale, blend, bias)
 
 
-def _check(patch: Patch, rows: int, cols: int, shape) -> None:
-    n = patch.rotations.shape[1] * patch.rotations.shape[2]
-    dim, what = (rows, "output channels") if patch.side == "out" else (cols, "input features")
-    if dim != n or (patch.scale is not None and patch.scale.numel() != rows):
-        scale = "" if patch.scale is None else f" and a scale of {patch.scale.numel()} channels"
+def _check(patch: Patch, shape) -> None:
+    _check_fit(patch.name, patch.side, patch.rotations.shape[1] * patch.rotations.shape[2],
+               patch.scale, shape)
+
+
+def _check_fit(name: str, side: str, n: int, scale: torch.Tensor | None, shape) -> None:
+    """BoftError unless a butterfly of ``n`` rows on ``side`` (and ``scale``) fits a weight of
+    ``shape``: the one check behind :func:`check_weight` and every merge."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        raise BoftError(f"layer {name}: the target has shape {shape}, not a linear or conv weight.")
+    rows = shape[0]
+    cols = 1
+    for d in shape[1:]:
+        cols *= d
+    dim, what = (rows, "output channels") if side == "out" else (cols, "input features")
+    if dim != n or (scale is not None and scale.numel() != rows):
+        more = "" if scale is None else f" and a scale of {scale.numel()} channels"
         raise BoftError(
-            f"layer {patch.name}: the weight has shape {tuple(shape)} ({dim} {what}), but the "
-            f"adapter's butterfly has {n} rows{scale}. The adapter was made for another model."
+            f"layer {name}: the weight has shape {shape} ({dim} {what}), but the adapter's "
+            f"butterfly has {n} rows{more}. The adapter was made for another model."
         )
 
 
@@ -173,16 +206,17 @@ def apply(patch: Patch, weight: torch.Tensor) -> torch.Tensor:
         return weight.clone()
     compute = torch.promote_types(weight.dtype, patch.rotations.dtype)
     patch = _in_dtype(patch, compute)
+    _check(patch, weight.shape)
     flat = weight.to(compute).reshape(weight.shape[0], -1)
-    _check(patch, flat.shape[0], flat.shape[1], weight.shape)
     new = _rotate(patch, flat)
     if patch.blend is not None:
         new = flat + patch.blend * (new - flat)
     return new.reshape(weight.shape).to(weight.dtype)
 
 
-def apply_(patch: Patch, weight: torch.Tensor, plan: fused.FusedButterfly | None = None) -> bool:
-    """``W'`` written into ``weight`` itself when it can be: a weight that is a view of its own
+def try_merge_into(patch: Patch, weight: torch.Tensor, plan: fused.FusedButterfly | None = None) -> bool:
+    """The in-place merge and its engine chooser: ``W'`` written into ``weight`` itself when it
+    can be, returning True: a weight that is a view of its own
     rows (ComfyUI's working copy, or a row slice of it) in the patch's dtype, or float16/bfloat16
     with a float32 patch (computed in float32, rounded once), and a mode without a blend.
     Returns False, leaving ``weight`` untouched, when it cannot; then use :func:`apply`. Needs
@@ -192,10 +226,10 @@ def apply_(patch: Patch, weight: torch.Tensor, plan: fused.FusedButterfly | None
     """
     if patch.blend is not None or weight.ndim < 2 or not _computes(weight.dtype, patch.rotations.dtype):
         return False
-    flat = weight.view(weight.shape[0], -1) if _viewable(weight) else None
+    flat = fused.contiguous_rows(weight)
     if flat is None:
         return False
-    _check(patch, flat.shape[0], flat.shape[1], weight.shape)
+    _check(patch, weight.shape)
     rows = flat if patch.side == "out" else flat.t()  # the butterfly mixes these rows
     if patch.side == "out" and fused.usable(rows):
         if plan is None and weight.device == patch.rotations.device:
@@ -215,16 +249,6 @@ def _computes(weight_dtype, patch_dtype) -> bool:
     """Whether a patch in ``patch_dtype`` merges in place into a weight of ``weight_dtype``."""
     return weight_dtype == patch_dtype or (
         weight_dtype in (torch.float16, torch.bfloat16) and patch_dtype == torch.float32)
-
-
-def _viewable(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` (ndim >= 2) can be viewed as (rows, the rest) without a copy."""
-    expected = 1
-    for size, stride in zip(reversed(weight.shape[1:]), reversed(weight.stride()[1:]), strict=True):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def merge_weight(weight: torch.Tensor, layer: BoftLayer, strength: float = 1.0,
@@ -249,14 +273,20 @@ def merge_bias(bias: torch.Tensor | None, patch: Patch, strength: float) -> torc
     if patch.bias is None:
         return bias
     if bias is None:
-        return (patch.bias * strength).to(patch.bias.dtype)
-    if bias.shape != patch.bias.shape:
-        raise BoftError(
-            f"layer {patch.name}: the trained bias has {patch.bias.numel()} values, the layer's "
-            f"bias has shape {tuple(bias.shape)}."
-        )
+        return bias_delta(None, patch.bias, strength, f"layer {patch.name}")
     b = bias.to(patch.bias.dtype)
-    return (b + strength * (patch.bias - b)).to(bias.dtype)
+    return (b + bias_delta(b, patch.bias, strength, f"layer {patch.name}")).to(bias.dtype)
+
+
+def bias_delta(bias: torch.Tensor | None, trained: torch.Tensor, strength: float, where: str) -> torch.Tensor:
+    """``s * (b_trained - b)`` (``b`` None: zero), in ``trained``'s dtype: what the blend of PEFT's
+    trained bias adds to the layer's; BoftError naming ``where`` if the shapes differ."""
+    if bias is None:
+        return trained * strength
+    if bias.shape != trained.shape:
+        raise BoftError(f"{where}: the trained bias has shape {tuple(trained.shape)}, the layer's "
+                        f"{tuple(bias.shape)}.")
+    return strength * (trained - bias.to(trained.dtype))
 
 
 def _rotate_channels(patch: Patch, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -288,8 +318,7 @@ def bypass_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             return op(inp, w, b, **conv_args)
     else:
         forward = F.linear
-    flat = weight.reshape(weight.shape[0], -1)
-    _check(patch, flat.shape[0], flat.shape[1], weight.shape)
+    _check(patch, weight.shape)
     base = forward(x, weight, bias)
     if patch.side == "out":
         new = _rotate_channels(patch, base, 1 if conv else -1)
@@ -314,17 +343,4 @@ def bypass_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 def check_weight(layer: BoftLayer, shape) -> None:
     """BoftError unless ``layer`` fits a weight of ``shape``; cheap, for validating before patching."""
-    shape = tuple(shape)
-    if len(shape) < 2:
-        raise BoftError(f"layer {layer.name}: the target has shape {shape}, not a linear or conv weight.")
-    rows = shape[0]
-    cols = 1
-    for d in shape[1:]:
-        cols *= d
-    dim, what = (rows, "output channels") if layer.side == "out" else (cols, "input features")
-    if dim != layer.dim or (layer.scale is not None and layer.scale.numel() != rows):
-        scale = "" if layer.scale is None else f" and a scale of {layer.scale.numel()} channels"
-        raise BoftError(
-            f"layer {layer.name}: the weight has shape {shape} ({dim} {what}), but the adapter's "
-            f"butterfly has {layer.dim} rows{scale}. The adapter was made for another model."
-        )
+    _check_fit(layer.name, layer.side, layer.dim, layer.scale, shape)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from ..boft_core import BoftError, BoftLayer, apply, apply_, check_weight
+from ..boft_core import BoftError, BoftLayer, apply, bias_delta, check_weight, try_merge_into
 from ..boft_core.cache import PatchCache
 from ..boft_core.formats import PEFT_PREFIX, boft_r_layer, lycoris_layer
 
@@ -100,10 +100,10 @@ class BOFTAdapter(WeightAdapterBase):
         # In place: for offset patches ComfyUI keeps the narrowed view's base, not our return value.
         if is_identity(function):
             kernel = CACHE.plan(token, self.layer, strength, mode, dtype, weight.device) if weight.is_cuda else None
-            if kernel is not None and apply_(kernel[0], weight, kernel[1]):
+            if kernel is not None and try_merge_into(kernel[0], weight, kernel[1]):
                 return weight  # the CUDA kernel, in ComfyUI's working copy (any float dtype)
             patch = self.patch_for(strength, weight.device, dtype)
-            if apply_(patch, weight):
+            if try_merge_into(patch, weight):
                 return weight  # merged straight into ComfyUI's working copy: no weight-sized buffer
         else:
             patch = self.patch_for(strength, weight.device, dtype)
@@ -116,8 +116,15 @@ _IDENTITY = (lambda a: a).__code__
 
 
 def is_identity(function) -> bool:
-    """Whether ``function`` is ``lambda a: a`` in any spelling (ComfyUI passes a fresh one per
-    call when a patch has no function): then ``weight + function(new - weight)`` is ``new``."""
+    """Whether ``function`` is ``lambda a: a`` in any spelling: then ``weight + function(new -
+    weight)`` is ``new`` and the merge may be written in place.
+
+    Why bytecode and not a sturdier contract: the host gives none. ``comfy.lora.calculate_weight``
+    (0.3.75 and 0.28 alike) reads a patch's function as ``function = p[4]`` and, when that is None,
+    replaces it with a fresh ``function = lambda a: a`` before calling an adapter; the None never
+    reaches us, the lambda is a new object per call and nothing marks it. Comparing its code is
+    the only test that needs no change in ComfyUI; a host that spells the identity differently
+    only loses the in-place path (the general path below is exact for any function)."""
     code = getattr(function, "__code__", None)
     return (code is not None and code.co_code == _IDENTITY.co_code and code.co_argcount == 1
             and not code.co_kwonlyargcount and not getattr(function, "__defaults__", None))
@@ -139,8 +146,5 @@ class BOFTBiasAdapter(WeightAdapterBase):
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
         trained = self.weights[0].to(weight.device, weight.dtype)
-        if trained.shape != weight.shape:
-            raise BoftError(f"{key}: the trained bias has shape {tuple(trained.shape)}, the layer's "
-                            f"{tuple(weight.shape)}.")
-        weight += function(strength * (trained - weight))
+        weight += function(bias_delta(weight, trained, strength, key))
         return weight

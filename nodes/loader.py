@@ -11,7 +11,18 @@ import comfy.utils
 import folder_paths
 import torch
 
-from ..boft_core import MODES, BoftError, BoftFile, check_merge, check_strength, check_weight, fused, load, read_header
+from ..boft_core import (
+    MODES,
+    BoftError,
+    BoftFile,
+    batches_on,
+    check_merge,
+    check_mode,
+    check_strength,
+    check_weight,
+    load,
+    read_header,
+)
 from ..boft_core.blocks import BlockWeights, parse_block_weights
 from ..boft_core.formats import resolve_path
 from ..boft_core.stats import TRIGGER_LIMIT, trigger_text
@@ -99,6 +110,16 @@ class LastRuns:
 
 
 LAST_RUNS = LastRuns()
+
+
+def parsed_file(path: str) -> BoftFile:
+    """The parsed file at ``path``, from the loader's cache (the info routes read it here)."""
+    return CACHE.get(path)
+
+
+def last_run(unique_ids, boft_name: str) -> dict | None:
+    """The most recent loader run on ``boft_name`` among ``unique_ids`` (see :meth:`LastRuns.latest`)."""
+    return LAST_RUNS.latest(unique_ids, boft_name)
 TRIGGER_TOOLTIP = (f"The file's {TRIGGER_LIMIT} most frequent training tags (kohya ss_tag_frequency), "
                    "comma-separated, for a text encoder; empty if the file has none.")
 
@@ -189,8 +210,7 @@ def by_strength(patches: dict, strengths: dict) -> dict[float, dict]:
 
 
 def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, unique_id=None, block_weights=""):
-    if mode not in MODES:
-        raise BoftError(f"unknown strength mode {mode!r}; expected one of {', '.join(MODES)}.")
+    check_mode(mode)
     # NaN passes ComfyUI's min/max check (every comparison with it is false)
     strength_model = check_strength(strength_model, f"{boft_name}: strength_model")
     strength_clip = check_strength(strength_clip, f"{boft_name}: strength_clip")
@@ -210,7 +230,7 @@ def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, uniq
         device = getattr(model, "load_device", None)
         for strength, group in by_strength(patches["model"], strengths["model"]).items():
             new_model.add_patches(group, strength)
-            if device is not None and torch.device(device).type == "cuda" and fused.available():
+            if batches_on(device):
                 # one batched setup for every layer now, instead of per layer while ComfyUI patches
                 BOFTAdapter.prepare_all([p for p in group.values() if isinstance(p, BOFTAdapter)],
                                         strength, torch.device(device))

@@ -33,7 +33,7 @@ from ..boft_core.cli import describe
 from ..boft_core.formats import MAX_HEADER, detect_format, parse_header
 from ..boft_core.stats import group_stats, layer_stats, summary, trigger_text
 from .keymap import guess_family
-from .loader import CACHE, LAST_RUNS
+from .loader import last_run, parsed_file
 
 log = logging.getLogger("comfyui-boft")
 
@@ -107,7 +107,7 @@ def block_weights_info(boft_file, text: str) -> dict:
 
 def file_info(name: str, path: str, block_weights: str = "") -> dict:
     """The info panel's data for one file (BoftError if it is not a readable BOFT file)."""
-    boft_file = CACHE.get(path)
+    boft_file = parsed_file(path)
     info = describe(boft_file)
     modules = {m["name"]: m for m in info.pop("modules")}
     info.pop("path")
@@ -186,7 +186,7 @@ async def info_route(request: web.Request) -> web.Response:
         return _error(422, str(e))
     # A node inside a subgraph runs under its execution id ("11:10"), once per instance of the
     # subgraph: the panel sends all of them and shows the latest run on this file.
-    info["last_run"] = LAST_RUNS.latest(request.query.getall("node", []), name)
+    info["last_run"] = last_run(request.query.getall("node", []), name)
     return web.json_response(info)
 
 

@@ -80,7 +80,7 @@ def test_fast_matches_reference_and_dense(layout, shape, dtype, transpose):
             scale = want.abs().max()
             assert (got.double() - want).abs().max() <= tol * scale, (max_block, slice_cols)
             assert (got - ref).abs().max() <= tol * scale, (max_block, slice_cols)
-    got = fast.apply_stages(x, rot, layout, transpose=transpose)
+    got = fast.apply_dense(x, rot, layout, transpose=transpose)
     assert (got.double() - want).abs().max() <= tol * want.abs().max()
 
 
@@ -216,7 +216,7 @@ def test_bench_smoke(tmp_path):
 @pytest.mark.parametrize("kind", ["lycoris-boft", "peft-boft"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_apply_in_place(kind, dtype):
-    """merge.apply_ writes W' into the weight itself (whole tensor or a row slice of a bigger
+    """merge.try_merge_into writes W' into the weight itself (whole tensor or a row slice of a bigger
     one, as ComfyUI's offset patches pass): same result as apply, nothing else touched."""
     gen = torch.Generator().manual_seed(seed("apply_", kind, str(dtype)))
     m, nb, b = 4, 16, 10
@@ -235,7 +235,7 @@ def test_apply_in_place(kind, dtype):
     rows = slice(shape[0], 2 * shape[0])
     big[rows] = weight.to(dtype)
     target = big[rows]
-    assert merge.apply_(patch, target) is True
+    assert merge.try_merge_into(patch, target) is True
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     assert (target.double() - want).abs().max() <= tol * want.abs().max()
     assert torch.equal(big[:shape[0]], before[:shape[0]]) and torch.equal(big[2 * shape[0]:], before[2 * shape[0]:])
@@ -247,14 +247,14 @@ def test_apply_in_place_refuses_what_it_cannot_do():
     weight = torch.randn(32, 12, generator=gen)
     keep = weight.clone()
     linear = merge.prepare(layer, 0.5, "linear")  # a blend needs the old weight
-    assert merge.apply_(linear, weight) is False
+    assert merge.try_merge_into(linear, weight) is False
     patch = merge.prepare(layer, 1.0)
-    assert merge.apply_(patch, weight.double()) is False  # a wider dtype than the patch: apply() casts
-    assert merge.apply_(merge.prepare(layer, 1.0, dtype=torch.float64), weight.half()) is False
-    assert merge.apply_(patch, weight.t().contiguous().t()) is False  # rows not viewable
+    assert merge.try_merge_into(patch, weight.double()) is False  # a wider dtype than the patch: apply() casts
+    assert merge.try_merge_into(merge.prepare(layer, 1.0, dtype=torch.float64), weight.half()) is False
+    assert merge.try_merge_into(patch, weight.t().contiguous().t()) is False  # rows not viewable
     assert torch.equal(weight, keep)
     with pytest.raises(merge.BoftError, match="32 rows"):
-        merge.apply_(patch, torch.randn(16, 12))
+        merge.try_merge_into(patch, torch.randn(16, 12))
 
 
 def test_cpu_scratch_is_per_thread():
@@ -371,7 +371,7 @@ def test_half_x_in_float32_slices(layout, transpose, dtype):
 @pytest.mark.parametrize("kind", ["lycoris-boft", "peft-boft"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_apply_in_place_half(kind, dtype):
-    """merge.apply_ on a float16/bfloat16 weight with a float32 patch (ComfyUI 0.28's working
+    """merge.try_merge_into on a float16/bfloat16 weight with a float32 patch (ComfyUI 0.28's working
     copies): in place, within one ulp of the float64 merge, a row slice leaves the rest alone."""
     gen = torch.Generator().manual_seed(seed("apply_ half", kind, str(dtype)))
     m, nb, b = 4, 16, 10
@@ -386,6 +386,6 @@ def test_apply_in_place_half(kind, dtype):
     before = big.clone()
     rows = slice(shape[0], 2 * shape[0])
     big[rows] = weight
-    assert merge.apply_(patch, big[rows]) is True
+    assert merge.try_merge_into(patch, big[rows]) is True
     assert within_one_ulp(big[rows], want)
     assert torch.equal(big[:shape[0]], before[:shape[0]]) and torch.equal(big[2 * shape[0]:], before[2 * shape[0]:])

@@ -154,7 +154,7 @@ def test_triton_needs_contiguous_rows_else_torch_path():
 @needs_triton
 @pytest.mark.parametrize("kind", ["lycoris-boft", "peft-boft"])
 def test_merge_in_place_on_cuda(kind):
-    """merge.apply_ on a CUDA float32 weight: the Triton plan for output-side rotations (rows
+    """merge.try_merge_into on a CUDA float32 weight: the Triton plan for output-side rotations (rows
     contiguous), the fast path for input-side ones (a transposed view); float64 reference."""
     from boft_core import merge
     from boft_core.formats import BoftLayer
@@ -170,7 +170,7 @@ def test_merge_in_place_on_cuda(kind):
     patch.rotations = patch.rotations.cuda()
     patch.scale = patch.scale.cuda()
     target = weight.float().cuda()
-    assert merge.apply_(patch, target)
+    assert merge.try_merge_into(patch, target)
     assert (("fused" in patch._plans) == kind.startswith("lycoris"))
     assert ((target.double().cpu() - want).norm() / want.norm()).item() < 1e-5
 
@@ -191,7 +191,7 @@ def test_prepare_many_on_cuda_shares_one_plan_build():
         weight = torch.randn(1280, 200, generator=gen, dtype=torch.float64)
         want = merge.apply(merge.prepare(layer, 0.8, "lycoris", dtype=torch.float64), weight)
         target = weight.float().cuda()
-        assert merge.apply_(patch, target)
+        assert merge.try_merge_into(patch, target)
         assert ((target.double().cpu() - want).norm() / want.norm()).item() < 1e-5
 
 
@@ -286,7 +286,7 @@ def test_cache_on_cuda_plans_budget_and_merge(dtype):
             want = merge.apply(merge.prepare(layer, 0.8, "lycoris", dtype=torch.float64), weight.double())
             assert host is cache.patch(layer.token, None, 0.8, "lycoris", torch.float32, "cpu")
             target = weight.cuda()
-            assert merge.apply_(host, target, plan)
+            assert merge.try_merge_into(host, target, plan)
             got = target.cpu()
             if dtype == torch.float32:
                 assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
@@ -305,6 +305,6 @@ def test_cache_on_cuda_plans_budget_and_merge(dtype):
     weight = torch.randn(1280, 96, generator=gen).to(dtype)
     want = merge.apply(merge.prepare(lazy, 0.8, "lycoris", dtype=torch.float64), weight.double())
     target = weight.cuda()
-    assert merge.apply_(host, target, plan)
+    assert merge.try_merge_into(host, target, plan)
     assert within_one_ulp(target.cpu(), want) if dtype != torch.float32 else \
         ((target.cpu().double() - want).norm() / want.norm()).item() < 1e-5

@@ -1,0 +1,79 @@
+"""Calling a compiled Triton kernel without the JIT's per-call work: the one place that uses
+Triton's internals.
+
+A Triton upgrade must check, here and nowhere else (the kernel's self-test in ``fused.py`` runs
+every launch path twice per device, and falls back to the torch path if they fail):
+
+* ``CompiledKernel.run``'s positional arguments (grid x/y/z, stream, ``function``,
+  ``packed_metadata``, launch metadata, enter hook, exit hook, then the kernel's arguments and
+  constants), and ``CompiledKernel.launch_metadata``;
+* ``triton.knobs.runtime.launch_enter_hook`` / ``launch_exit_hook`` (where the hooks live);
+* ``triton.runtime.driver.active.get_current_stream`` / ``get_current_device``;
+* what Triton specialises a compiled kernel on (:meth:`Launch._specialisation`: pointers'
+  dtypes and 16-byte alignment; integers equal to 1, divisible by 16, 32-bit or not), and that
+  ``kernel[grid](...)`` still returns the compiled kernel.
+
+Written against Triton 3.6 (torch 2.11); see README's Limitations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # optional: only the CUDA kernels need it
+    from triton import knobs as _knobs
+    from triton.runtime import driver as _driver
+except ImportError:  # pragma: no cover - depends on the machine
+    _knobs = _driver = None
+
+_COMPILED: dict = {}  # specialisation -> compiled kernel, shared by every plan's launches
+
+
+class Launch:
+    """One kernel launch with its grid, sizes and strides fixed; the tensors come with each call.
+
+    The first call goes through Triton's JIT (compiling if needed); later calls hand the
+    arguments straight to the compiled kernel's launcher, which skips the JIT's argument binding
+    and cache lookup. The tensors must keep the dtypes and 16-byte alignment they had (the
+    specialisation Triton compiled for; ``FusedButterfly`` keys its launches on them, and a
+    plan's blocks start at 16-byte multiples of an allocation). ``offset``/``size``: the slice
+    of the storage argument that holds this launch's blocks.
+    """
+
+    def __init__(self, kernel, grid: tuple, ints: tuple, consts: dict, num_warps: int, num_stages: int,
+                 offset: int, size: int):
+        self.kernel, self.grid, self.ints, self.consts = kernel, grid, ints, consts
+        self.num_warps, self.num_stages, self.offset, self.size = num_warps, num_stages, offset, size
+        self.compiled = None
+
+    def _specialisation(self, args: list) -> tuple:
+        """What Triton compiles a kernel for besides the constants: the pointers' dtypes and
+        16-byte alignment; the integers' value 1 (a constant then), divisibility by 16 and width."""
+        flags = tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+                      else (a == 1, a % 16 == 0, -2**31 <= a < 2**31) for a in args)
+        return (self.kernel, tuple(self.consts.items()), self.num_warps, self.num_stages, args[0].device, flags)
+
+    def __call__(self, src: torch.Tensor, dst: torch.Tensor, storage: torch.Tensor) -> None:
+        args = [src, dst, storage[self.offset:self.offset + self.size], *self.ints]
+        c = self.compiled
+        if c is None:
+            # another plan's launch of the same specialisation (layers of one shape) already
+            # compiled it: skip the JIT's binding, which costs more than the kernel here
+            c = self.compiled = _COMPILED.get(self._specialisation(args))
+        if c is None:
+            # The JIT path: compiles on first use and returns the compiled kernel (None when
+            # interpreted, TRITON_INTERPRET=1, which then stays on this path).
+            compiled = self.kernel[self.grid](*args, **self.consts, num_warps=self.num_warps,
+                                              num_stages=self.num_stages)
+            if compiled is not None:
+                self.compiled = _COMPILED[self._specialisation(args)] = compiled
+            return
+        stream = _driver.active.get_current_stream(_driver.active.get_current_device())
+        enter = _knobs.runtime.launch_enter_hook
+        if enter is None:
+            c.run(self.grid[0], self.grid[1], self.grid[2], stream, c.function, c.packed_metadata, None, None,
+                  None, *args, *self.consts.values())
+        else:  # hooks (a profiler, or a library that watches launches) get what the JIT gives them
+            meta = c.launch_metadata(self.grid, stream, *args, *self.consts.values())
+            c.run(self.grid[0], self.grid[1], self.grid[2], stream, c.function, c.packed_metadata, meta, enter,
+                  _knobs.runtime.launch_exit_hook, *args, *self.consts.values())
