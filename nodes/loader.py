@@ -20,6 +20,7 @@ from ..boft_core import (
     check_mode,
     check_strength,
     check_weight,
+    fused,  # noqa: F401  (batches_on asks fused.available; tests reach it here)
     load,
     read_header,
 )
