@@ -5,14 +5,19 @@ from __future__ import annotations
 import torch
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from ..boft_core import BoftError, BoftLayer, apply, bias_delta, check_weight, try_merge_into
+from ..boft_core import BoftError, BoftLayer, apply, bias_delta, check_merge, check_weight, try_merge_into
 from ..boft_core.cache import PatchCache
 from ..boft_core.formats import PEFT_PREFIX, boft_r_layer, lycoris_layer
+from ..boft_core.guard import FREE_GAIN, check_rotations
 
 # Every adapter of this process shares one cache of prepared layers, keyed by the token in its
 # weights: ComfyUI 0.28 rebuilds adapters (staging, dynamic VRAM) and a per-adapter cache would
 # start empty each time. Its budgets are the loader's to set (prepare_all).
 CACHE = PatchCache()
+# (token, strength, mode, dtype) the finite-result guard passed from the file alone: adapters are
+# rebuilt at every load on 0.28, and the low-VRAM path calls calculate_weight per forward.
+FINITE: set[tuple] = set()
+FINITE_LIMIT = 1 << 16
 
 
 class BOFTAdapter(WeightAdapterBase):
@@ -53,6 +58,7 @@ class BOFTAdapter(WeightAdapterBase):
             layer = boft_r_layer("LoRA file", x, parts, kind)
         else:
             return None
+        check_rotations(layer, "LoRA file")  # blocks too large for a rotation: refused by the loader node
         loaded_keys.update(k for k in layer.keys if not k.endswith(".alpha"))
         adapter = cls.from_layer(layer, "lycoris")
         adapter.loaded_keys = loaded_keys
@@ -87,6 +93,19 @@ class BOFTAdapter(WeightAdapterBase):
         for mode, todo in by_mode.items():
             CACHE.prepare_many([(a.weights[6], a.layer) for a in todo], strength, mode, dtype, device)
 
+    def check_finite(self, weight, key, strength) -> None:
+        """The finite-result guard (``boft_core.check_merge``) on ComfyUI's working copy, before it
+        is written. Core's loaders give no strength before patching starts, so this is the first
+        point that knows both; a refusal here fails the load, and the host then restores every
+        weight it had already patched (``ModelPatcher.partially_load``: ``detach`` on an error)."""
+        seen = (self.weights[6], strength, self.weights[4], weight.dtype)
+        if seen in FINITE:
+            return
+        if check_merge(self.layer(), strength, self.weights[4], weight, str(key)) <= FREE_GAIN:
+            if len(FINITE) >= FINITE_LIMIT:
+                FINITE.clear()
+            FINITE.add(seen)  # decided without reading the weight
+
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
         if weight.shape not in self._fits:
@@ -95,6 +114,7 @@ class BOFTAdapter(WeightAdapterBase):
             except BoftError as e:
                 raise BoftError(f"{key}: {e}") from None
             self._fits.add(weight.shape)
+        self.check_finite(weight, key, strength)
         dtype = torch.promote_types(intermediate_dtype, torch.float32)  # fp16/bf16 copies: float32
         token, mode = self.weights[6], self.weights[4]
         # In place: for offset patches ComfyUI keeps the narrowed view's base, not our return value.

@@ -11,7 +11,11 @@
   size limit, never replaces a different file, and moves it into the first ``loras`` folder
   atomically. Answers with the stored name.
 
-Only names listed in the ``loras`` folders are read; uploaded names must be plain file names.
+Only names listed in the ``loras`` folders are read; uploaded names must be plain file names
+(no folders, no control, format or bidi characters, short enough in bytes for the file system).
+Error bodies name files as the client did, or relative to ``loras``, never by server path; a
+listed file that links outside the ``loras`` folders gets one generic error, never its size or
+bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import shutil
 import sys
 import threading
+import unicodedata
 import uuid
 
 import folder_paths
@@ -49,14 +54,33 @@ def max_upload() -> int:
         return 2048 * 1024 * 1024
 
 
-def bad_name(name: str) -> str | None:
-    """Why ``name`` cannot be stored in the loras folder, or None for a plain ``*.safetensors`` name."""
+def name_limit(folder: str) -> int:
+    """The longest file name in bytes that ``folder``'s file system takes (255 where unknown)."""
+    try:
+        return min(255, os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def bad_name(name: str, folder: str | None = None) -> str | None:
+    """Why ``name`` cannot be stored in the loras folder ``folder``, or None for a plain
+    ``*.safetensors`` name. Control, format (bidi overrides like U+202E, zero-width characters),
+    surrogate, private-use, unassigned and line/paragraph separator characters are refused: a
+    name must read as what it is."""
     if not name or len(name) > 200:
         return "give a file name of 1 to 200 characters."
-    if name in (".", "..") or name.startswith(".") or any(c in BAD_CHARS or ord(c) < 32 for c in name):
+    odd = next((c for c in name if unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp")),
+               None)
+    if odd is not None:
+        return (f"{name!r} contains the invisible or control character U+{ord(odd):04X} "
+                f"({unicodedata.name(odd, unicodedata.category(odd))}); rename the file.")
+    if name in (".", "..") or name.startswith(".") or any(c in BAD_CHARS for c in name):
         return f"{name!r} is not a plain file name (no folders, no leading dot, none of / \\ : * ? \" < > |)."
     if not name.lower().endswith(".safetensors"):
         return f"{name!r}: only .safetensors files can be added."
+    limit = name_limit(folder) if folder else 255
+    if len(name.encode("utf-8")) > limit:
+        return f"{name!r} is {len(name.encode('utf-8'))} bytes long in UTF-8; the loras folder takes at most {limit}."
     return None
 
 
@@ -140,39 +164,66 @@ def _same_content(a: str, b: str) -> bool:
 
 
 def store_upload(tmp: str, name: str, folder: str) -> dict:
-    """Check the uploaded temp file's header and move it to ``folder/name``; never replaces a file."""
+    """Check the uploaded temp file's header and move it to ``folder/name``; never replaces a file,
+    and never reads through a link (a link of that name, dangling or not, is a different file)."""
     try:
         header, metadata = read_header(tmp)
         fmt = detect_format(name, list(header), metadata, None)
     except BoftError as e:
         raise BoftError(str(e).replace(tmp, name)) from None
     target = os.path.join(folder, name)
-    for existing in (folder_paths.get_full_path("loras", name), target):
-        if existing and os.path.exists(existing):
-            if _same_content(existing, tmp):
-                return {"name": name, "format": fmt, "existed": True}
-            raise FileExistsError(f"a different file named {name} is already in the loras folder; "
-                                  "rename the file you dropped, or remove the other one first.")
-    try:
-        os.link(tmp, target)  # atomic, and fails instead of replacing a file that appeared meanwhile
-    except FileExistsError:
-        return store_upload(tmp, name, folder)
-    except OSError:  # a file system without hard links: create exclusively, then copy
+    taken = FileExistsError(f"a different file named {name} is already in the loras folder; "
+                            "rename the file you dropped, or remove the other one first.")
+    for _ in range(2):  # a second look when the name was taken between the check and the link
+        for existing in (folder_paths.get_full_path("loras", name), target):
+            if existing and os.path.islink(existing):
+                raise taken  # dangling, or pointing anywhere: not ours to read or compare
+            if existing and os.path.lexists(existing):
+                if os.path.isfile(existing) and _same_content(existing, tmp):
+                    return {"name": name, "format": fmt, "existed": True}
+                raise taken
         try:
-            out = open(target, "xb")  # fails if the name was taken meanwhile; closed below
+            os.link(tmp, target)  # atomic, and fails instead of replacing a file that appeared meanwhile
         except FileExistsError:
-            return store_upload(tmp, name, folder)
-        try:
-            with out, open(tmp, "rb") as src:
-                shutil.copyfileobj(src, out, 1 << 20)
-        except BaseException:
-            os.unlink(target)
-            raise
-    return {"name": name, "format": fmt, "existed": False}
+            continue
+        except OSError:  # a file system without hard links: create exclusively, then copy
+            try:
+                out = open(target, "xb")  # fails if the name was taken meanwhile; closed below
+            except FileExistsError:
+                continue
+            try:
+                with out, open(tmp, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            except BaseException:
+                os.unlink(target)
+                raise
+        return {"name": name, "format": fmt, "existed": False}
+    raise taken
+
+
+def loras_folders() -> list[str]:
+    return folder_paths.get_folder_paths("loras")
+
+
+def public(text: str, name: str = "", path: str = "") -> str:
+    """``text`` without server paths: ``path`` becomes the client's ``name``, a path inside a
+    ``loras`` folder becomes relative to it, the folder itself ``loras``."""
+    if path and name:
+        text = text.replace(path, name)
+    folders = {f for d in loras_folders() for f in (os.path.abspath(d), os.path.realpath(d))}
+    for folder in sorted(folders, key=len, reverse=True):
+        text = text.replace(folder.rstrip(os.sep) + os.sep, "").replace(folder, "loras")
+    return text
+
+
+def outside_loras(path: str) -> bool:
+    """Whether ``path`` (a listed file) really lies outside every ``loras`` folder (a link out)."""
+    real = os.path.realpath(path)
+    return not any(real.startswith(os.path.realpath(d).rstrip(os.sep) + os.sep) for d in loras_folders())
 
 
 def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+    return web.json_response({"error": public(message)}, status=status)
 
 
 async def info_route(request: web.Request) -> web.Response:
@@ -183,7 +234,10 @@ async def info_route(request: web.Request) -> web.Response:
     try:
         info = await asyncio.to_thread(file_info, name, path, request.query.get("block_weights", ""))
     except (BoftError, OSError) as e:
-        return _error(422, str(e))
+        if outside_loras(path):  # a link out of loras: nothing about the file it points to
+            log.warning("[comfyui-boft] /boft/info %r: %s", name, e)
+            return _error(422, f"{name}: not a safetensors BOFT file.")
+        return _error(422, public(str(e), name, path))
     # A node inside a subgraph runs under its execution id ("11:10"), once per instance of the
     # subgraph: the panel sends all of them and shows the latest run on this file.
     info["last_run"] = last_run(request.query.getall("node", []), name)
@@ -192,7 +246,8 @@ async def info_route(request: web.Request) -> web.Response:
 
 async def check_route(request: web.Request) -> web.Response:
     name = request.query.get("name", "")
-    why = bad_name(name)
+    folders = loras_folders()
+    why = bad_name(name, folders[0] if folders else None)
     if why:
         return _error(400, why)
     try:
@@ -219,16 +274,16 @@ async def check_route(request: web.Request) -> web.Response:
 
 async def upload_route(request: web.Request) -> web.Response:
     name = request.query.get("name", "")
-    why = bad_name(name)
+    folders = loras_folders()
+    if not folders:
+        return _error(500, "ComfyUI has no loras folder.")
+    folder = folders[0]
+    why = bad_name(name, folder)
     if why:
         return _error(400, why)
     limit = max_upload()
     if request.content_length is not None and request.content_length > limit:
         return _error(413, f"{name}: larger than the upload limit of {limit / 2**20:.0f} MiB ({MAX_UPLOAD_ENV}).")
-    folders = folder_paths.get_folder_paths("loras")
-    if not folders:
-        return _error(500, "ComfyUI has no loras folder.")
-    folder = folders[0]
     tmp = os.path.join(folder, f".boft-upload-{uuid.uuid4().hex}.partial")  # not listed by ComfyUI
     try:
         os.makedirs(folder, exist_ok=True)
@@ -247,8 +302,9 @@ async def upload_route(request: web.Request) -> web.Response:
             return _error(400, str(e))
         except FileExistsError as e:
             return _error(409, str(e))
-    except OSError as e:  # an unwritable or full loras folder
-        return _error(500, f"{name}: cannot write to {folder}: {e}")
+    except OSError as e:  # an unwritable or full loras folder: the server's fault, not the request's
+        log.error("[comfyui-boft] cannot store %r in %s: %s", name, folder, e)
+        return _error(500, f"{name}: cannot write to the loras folder: {e.strerror or type(e).__name__}.")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

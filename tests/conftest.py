@@ -77,6 +77,26 @@ def sd15_clip_ckpt(tmp_path_factory, comfy):
                                             with_clip=True)
 
 
+@pytest.fixture(scope="module")
+def sd15_server(request, tmp_path_factory):
+    """One real ComfyUI server per test module (``main.py --cpu``, comfy_host.ComfyServer) with the
+    tiny SD1.5 checkpoint as ``checkpoints/<the module's CKPT>`` (none if the module has no CKPT)
+    and the zero conditioning ``sd15_workflow`` uses; it boots while this process builds them."""
+    import tiny_models
+    from comfy_host import ComfyServer
+
+    srv = ComfyServer(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]))
+    srv.start(wait=False)
+    try:
+        if getattr(request.module, "CKPT", None):
+            tiny_models.make_sd15_checkpoint(srv.models / "checkpoints" / request.module.CKPT)
+            tiny_models.write_zero_conditioning(srv.output_dir)
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
 def pytest_addoption(parser):
     parser.addoption("--fuzz-long", action="store_true",
                      help="tests/test_fuzz.py: run 100 000 cases (BOFT_FUZZ_CASES=N sets any number)")

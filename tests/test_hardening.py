@@ -353,19 +353,8 @@ CKPT = "hardening_sd15.safetensors"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, comfy):
-    import tiny_models
-    from comfy_host import ComfyServer
-
-    srv = ComfyServer(tmp_path_factory.mktemp("hardening"))
-    srv.start(wait=False)
-    try:
-        tiny_models.make_sd15_checkpoint(srv.models / "checkpoints" / CKPT)
-        tiny_models.write_zero_conditioning(srv.output_dir)
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
+def server(sd15_server, comfy):
+    return sd15_server
 
 
 def boft_for_checkpoint(ckpt, suffixes=("attn1.to_q.weight", "attn1.to_v.weight"), seed=0) -> dict:
@@ -444,3 +433,52 @@ def http_get(server, path) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+
+
+def test_core_lora_loader_refuses_huge_values_and_nan_strength(server):
+    """Core's LoraLoaderModelOnly goes through our adapter (registered in core's adapter list): a
+    huge-value file and a NaN strength fail the prompt with our message naming the layer; the
+    model is left as it was (the next good prompts render the identical images)."""
+    import io
+
+    import tiny_models
+    from comfy_host import ComfyError
+    from PIL import Image
+
+    loras = server.models / "loras"
+    tensors = boft_for_checkpoint(server.models / "checkpoints" / CKPT, seed=1)
+    write(loras / "core_good.safetensors", tensors)
+    # the last layer ComfyUI patches, so layers before it are already written when the guard refuses
+    last = sorted(k for k in tensors if k.endswith(".oft_blocks"))[-1]
+    layer = last[:-len(".oft_blocks")]
+    out = tensors[last].shape[1] * 4
+    write(loras / "core_huge.safetensors", dict(tensors, **{f"{layer}.rescale": torch.full((out, 1), 3e38)}))
+    write(loras / "core_blocks.safetensors", dict(tensors, **{last: tensors[last].sign() * 3e38}))
+
+    def workflow(name, strength):
+        def patch(model_ref):
+            return {"lora": {"class_type": "LoraLoaderModelOnly", "inputs": {
+                "model": model_ref, "lora_name": name, "strength_model": strength}}}, ["lora", 0]
+        return tiny_models.sd15_workflow(CKPT, seed=6, patch_model=patch)
+
+    def image(name, strength):
+        (png,) = server.image_bytes(server.run(workflow(name, strength)))
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+    plain = image("core_good.safetensors", 0.0)
+    before = image("core_good.safetensors", 1.0)
+    assert np.abs(before - plain).mean() > 1.0, "the good BOFT must change the image"
+    cases = [("core_huge.safetensors", 1.0, "KSampler", ["its merged weight", layer]),
+             ("core_good.safetensors", math.nan, "KSampler", ["strength must be a finite number"]),
+             ("core_blocks.safetensors", 1.0, "LoraLoaderModelOnly", ["its rotation", layer])]
+    for name, strength, node, needles in cases:
+        with pytest.raises(ComfyError) as info:
+            server.run(workflow(name, strength))
+            pytest.fail(f"{name} at strength {strength}: the prompt succeeded")
+        error = info.value.data
+        text = error["exception_message"]
+        assert error.get("node_type") == node, error
+        assert all(n in text for n in needles) and "Traceback" not in text, text
+        assert error.get("exception_type", "").endswith("BoftError"), error
+    assert np.array_equal(image("core_good.safetensors", 1.0), before)
+    assert np.array_equal(image("core_good.safetensors", 0.0), plain)

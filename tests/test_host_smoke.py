@@ -5,7 +5,7 @@ import io
 import numpy as np
 import pytest
 import tiny_models
-from comfy_host import ComfyError, ComfyServer
+from comfy_host import ComfyError
 from PIL import Image
 
 CKPT = "tiny_sd15.safetensors"
@@ -13,16 +13,8 @@ LORA = "tiny_sd15_kohya.safetensors"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = ComfyServer(tmp_path_factory.mktemp("comfy"))
-    srv.start(wait=False)  # boot while this process builds the models
-    try:
-        tiny_models.make_sd15_checkpoint(srv.models / "checkpoints" / CKPT)
-        tiny_models.write_zero_conditioning(srv.output_dir)
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
+def server(sd15_server):
+    return sd15_server
 
 
 def lora_patch(strength):
