@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,7 +150,11 @@ def test_offsets_must_tile_the_data(tmp_path, good):
 
 
 def test_one_header_limit_safetensors_own():
+    """The reader's limit is safetensors' own, and the page's drop check sends up to the same."""
     assert MAX_HEADER == 100_000_000
+    js = (Path(__file__).resolve().parent.parent / "web" / "js" / "boft_common.js").read_text()
+    (limit,) = re.findall(r"const HEADER_LIMIT = ([\d_]+);", js)
+    assert int(limit.replace("_", "")) == MAX_HEADER
     head = struct.pack("<Q", MAX_HEADER + 1) + b"{"
     with pytest.raises(boft_core.BoftError, match="at most 100,000,000 bytes"):
         parse_header(head, 2 * MAX_HEADER, "big.safetensors")
