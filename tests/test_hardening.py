@@ -468,7 +468,10 @@ def test_core_lora_loader_refuses_huge_values_and_nan_strength(server):
         return tiny_models.sd15_workflow(CKPT, seed=6, patch_model=patch)
 
     def image(name, strength):
-        (png,) = server.image_bytes(server.run(workflow(name, strength)))
+        history = server.run(workflow(name, strength))
+        cached = [n for event, m in history["status"]["messages"] if event == "execution_cached" for n in m["nodes"]]
+        assert "sampler" not in cached, cached  # computed anew, not ComfyUI's cached output
+        (png,) = server.image_bytes(history)
         return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
     plain = image("core_good.safetensors", 0.0)
