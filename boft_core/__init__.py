@@ -8,6 +8,7 @@ from .merge import (
                     apply,
                     batches_on,
                     bias_delta,
+                    bypass,
                     bypass_forward,
                     check_mode,
                     check_weight,
@@ -19,6 +20,6 @@ from .merge import (
 
 __all__ = [
     "FORMATS", "MODES", "BoftError", "BoftFile", "BoftLayer", "Patch", "apply", "batches_on", "bias_delta",
-    "bypass_forward", "check_merge", "check_mode", "check_strength", "check_weight", "load", "merge_bias",
+    "bypass", "bypass_forward", "check_merge", "check_mode", "check_strength", "check_weight", "load", "merge_bias",
     "merge_weight", "parse_header", "parse_json", "prepare", "read_header", "trigger_words", "try_merge_into",
 ]

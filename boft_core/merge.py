@@ -289,18 +289,74 @@ def bias_delta(bias: torch.Tensor | None, trained: torch.Tensor, strength: float
     return strength * (trained - bias.to(trained.dtype))
 
 
-def _rotate_channels(patch: Patch, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
+def _rotate_channels(patch: Patch, y: torch.Tensor, channel_dim: int, transpose: bool = False,
+                     scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``scale * B y`` (``Bᵀ``, no scale by default) on the channel axis of ``y`` (any shape), in
+    ``patch``'s dtype. Channels last (linear layers): the butterfly reads a transposed view and
+    writes channels-last memory, so no transpose is copied either way."""
+    if channel_dim in (-1, y.ndim - 1):
+        flat = y.reshape(-1, y.shape[-1]).t()
+        return patch.butterfly(transpose).apply(flat, row_scale=scale).t().reshape(y.shape)
     moved = y.movedim(channel_dim, 0)
-    flat = moved.reshape(moved.shape[0], -1)
-    out = patch.butterfly().apply(flat)
-    if patch.scale is not None:
-        out = out * patch.scale.unsqueeze(1)
+    out = patch.butterfly(transpose).apply(moved.reshape(moved.shape[0], -1), row_scale=scale)
     return out.reshape(moved.shape).movedim(0, channel_dim)
+
+
+def _channel_view(t: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
+    """A per-channel vector ``t`` (n,) shaped to broadcast along ``channel_dim`` of an ``ndim`` tensor."""
+    shape = [1] * ndim
+    shape[channel_dim] = -1
+    return t.reshape(shape)
+
+
+def bypass(patch: Patch, x: torch.Tensor, forward, bias: torch.Tensor | None = None,
+           channel_dim: int = -1) -> torch.Tensor:
+    """The output of the layer ``forward`` with ``patch`` applied at run time, the weight untouched.
+
+    ``forward(x) = W x + bias`` is the layer as the host runs it (any dtype: float16, float8
+    weights, offloading); ``bias`` the layer's bias (n,) or None; ``channel_dim`` the channel axis
+    of ``x`` and of the output (-1 for a linear layer, 1 for a convolution). Output side
+    (LyCORIS): ``scale * B (f(x) - bias) + bias``; input side (PEFT/kohya, linear layers only):
+    ``scale * f(Bᵀ x) + (1 - scale) * bias``; the linear mode blends ``f(x) + blend (new - f(x))``.
+    With the layer's ``bias`` this equals the output of the layer with the merged weight
+    (:func:`apply`) and the bias unchanged; ``bias=None`` treats ``f`` as linear (then an output-
+    side bias is rotated too, as LyCORIS's own ``bypass_forward`` does). Rotations run in float32
+    (the patch's dtype, at least) whatever the activations' dtype; the result has ``f``'s dtype.
+    """
+    compute = torch.promote_types(torch.promote_types(x.dtype, patch.rotations.dtype), torch.float32)
+    patch = _in_dtype(patch, compute)
+    b = None if bias is None else bias.to(x.device, compute)
+    if patch.side == "out":
+        base = forward(x)
+        # f(x) - bias in the compute dtype (one kernel: the subtraction promotes)
+        y = base.to(compute) if b is None else torch.sub(base, _channel_view(b, base.ndim, channel_dim))
+        new = _rotate_channels(patch, y, channel_dim, scale=patch.scale)
+        if b is not None:
+            new += _channel_view(b, new.ndim, channel_dim)
+    else:
+        if channel_dim != -1 and channel_dim != x.ndim - 1:
+            raise BoftError(
+                f"layer {patch.name}: an input-side (PEFT/kohya) BOFT on a convolution mixes kernel "
+                "positions and has no forward-time form; merge it into the weight instead."
+            )
+        rotated = _rotate_channels(patch, x.to(compute), -1, transpose=True)  # Bᵀ x, x as row vectors
+        new = forward(rotated.to(x.dtype)).to(compute)
+        if patch.scale is not None:
+            new = new * patch.scale
+            if b is not None:
+                new = new + (1 - patch.scale) * b
+        base = None
+    if patch.blend is not None:
+        base = forward(x) if base is None else base
+        y = base.to(compute)
+        new = y + patch.blend * (new - y)
+    out_dtype = base.dtype if base is not None else x.dtype
+    return new.to(out_dtype)
 
 
 def bypass_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    patch: Patch, **conv_args) -> torch.Tensor:
-    """The layer's output with the adapter applied at run time, without rewriting ``weight``.
+    """:func:`bypass` for a plain weight: the forward-time form LyCORIS and PEFT define.
 
     Output side (LyCORIS): ``y = scale * B (W x + bias)``; like LyCORIS's ``bypass_forward`` it
     rotates the bias too. Input side (PEFT/kohya, linear layers): ``y = scale * W (Bᵀ x) + bias``.
@@ -308,37 +364,18 @@ def bypass_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     ``bias`` is None.
     """
     compute = torch.promote_types(x.dtype, patch.rotations.dtype)
-    patch = _in_dtype(patch, compute)
     x, weight = x.to(compute), weight.to(compute)
     bias = None if bias is None else bias.to(compute)
-    conv = weight.ndim > 2
-    if conv:
-        op = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.ndim]
-        def forward(inp, w, b):
-            return op(inp, w, b, **conv_args)
-    else:
-        forward = F.linear
     _check(patch, weight.shape)
-    base = forward(x, weight, bias)
-    if patch.side == "out":
-        new = _rotate_channels(patch, base, 1 if conv else -1)
-    elif conv:
-        raise BoftError(
-            f"layer {patch.name}: an input-side (PEFT/kohya) BOFT on a convolution mixes kernel "
-            "positions and has no forward-time form; merge it into the weight instead."
-        )
+    if weight.ndim > 2:
+        op = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.ndim]
+        def forward(inp):
+            return op(inp, weight, bias, **conv_args)
     else:
-        # W Bᵀ x: rotate the input features by Bᵀ, as row vectors x B.
-        rows = x.reshape(-1, x.shape[-1]).t()
-        rotated = patch.butterfly(transpose=True).apply(rows).t()
-        new = F.linear(rotated.reshape(x.shape), weight)
-        if patch.scale is not None:
-            new = new * patch.scale
-        if bias is not None:
-            new = new + bias
-    if patch.blend is not None:
-        new = base + patch.blend * (new - base)
-    return new
+        def forward(inp):
+            return F.linear(inp, weight, bias)
+    channel_dim = 1 if weight.ndim > 2 else -1
+    return bypass(patch, x, forward, None if patch.side == "out" else bias, channel_dim)
 
 
 def check_weight(layer: BoftLayer, shape) -> None:

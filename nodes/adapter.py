@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from ..boft_core import BoftError, BoftLayer, apply, bias_delta, check_merge, check_weight, try_merge_into
+from ..boft_core import BoftError, BoftLayer, apply, bias_delta, bypass, check_merge, check_weight, try_merge_into
 from ..boft_core.cache import PatchCache
 from ..boft_core.formats import PEFT_PREFIX, boft_r_layer, lycoris_layer
 from ..boft_core.guard import FREE_GAIN, check_rotations
@@ -37,6 +37,21 @@ class BOFTAdapter(WeightAdapterBase):
         self.loaded_keys = loaded_keys
         self.weights = weights
         self._fits = set()  # weight shapes already checked (the low-VRAM path calls us per forward)
+
+    @property
+    def weights(self):
+        return self._weights
+
+    @weights.setter
+    def weights(self, new):
+        """Hosts may move our tensors, never round them: 0.28's bypass ``inject()`` casts every
+        tensor in ``weights`` to the module's dtype (a float16 model would round the blocks and
+        the rescale); a tensor whose dtype changed is taken at its old dtype on the new device."""
+        old = getattr(self, "_weights", None)
+        if old is not None and isinstance(new, (tuple, list)) and len(new) == len(old):
+            new = tuple(o.to(n.device) if isinstance(o, torch.Tensor) and isinstance(n, torch.Tensor)
+                        and n.dtype != o.dtype else n for o, n in zip(old, new, strict=True))
+        self._weights = new
 
     @classmethod
     def from_layer(cls, layer: BoftLayer, mode: str) -> BOFTAdapter:
@@ -130,6 +145,67 @@ class BOFTAdapter(WeightAdapterBase):
         new = apply(patch, weight)
         weight += function(new.sub_(weight))  # new - weight computed into new itself
         return weight
+
+
+    # --- 0.28's bypass protocol (comfy/weight_adapter/bypass.py): the hook sets ``multiplier``
+    # (the strength), ``is_conv`` and ``kw_dict`` on the adapter, then calls bypass_forward.
+
+    def bypass_forward(self, org_forward, x, *args, **kwargs):
+        """The layer's output with this BOFT at ``self.multiplier``, equal to the output with the
+        merged weight; the module's weights are never written (float8/quantized stay as they are).
+        Output side: the output channels are rotated (the bias kept as it is); input side on a
+        linear layer: the input is rotated before the layer. Input side on a convolution (the
+        rotation mixes kernel positions): the weight is merged on the fly in the working dtype."""
+        module = _module_of(org_forward)
+        strength = float(getattr(self, "multiplier", 1.0))
+        weight = getattr(module, "weight", None)
+        if weight is not None and tuple(weight.shape) not in self._fits:
+            try:
+                check_weight(self.layer(), weight.shape)
+            except BoftError as e:
+                raise BoftError(f"bypass: {e}") from None
+            self._fits.add(tuple(weight.shape))
+        patch = self._bypass_patch(strength, x.device)
+        is_conv = bool(getattr(self, "is_conv", False))
+        if is_conv and patch.side == "in":
+            return self._merged_conv(module, patch, x)
+        bias = getattr(module, "bias", None)
+        bias = bias if isinstance(bias, torch.Tensor) else None
+        return bypass(patch, x, lambda inp: org_forward(inp, *args, **kwargs), bias, 1 if is_conv else -1)
+
+    def _bypass_patch(self, strength: float, device):
+        """The prepared rotation, held by this adapter while it is injected: a forward needs every
+        layer's rotation on the device each time (as core holds a LoRA's weights there), and the
+        shared cache's device budget would evict and re-copy them on every step."""
+        key = (strength, str(device))
+        held = getattr(self, "_held", None)
+        if held is None or held[0] != key:
+            held = self._held = (key, self.patch_for(strength, device, torch.float32))
+        return held[1]
+
+    def _merged_conv(self, module, patch, x):
+        """An input-side BOFT on a convolution: the weight merged on the fly in the working dtype
+        (what the host casts it to for this forward: dequantized, patched, offloaded as it does)."""
+        import comfy.ops
+
+        weight, bias = comfy.ops.cast_bias_weight(module, x)
+        merged = apply(patch, weight)
+        return module._conv_forward(x, merged, bias)
+
+    def g(self, y):
+        """``scale * B(s) y`` on the channels (the bias rotated too, as LyCORIS's bypass does); the
+        hook calls :meth:`bypass_forward` instead, which equals the merge. Output side only."""
+        patch = self.patch_for(float(getattr(self, "multiplier", 1.0)), y.device, torch.float32)
+        if patch.side != "out":
+            raise BoftError(f"layer {self.weights[5]}: an input-side BOFT has no output transform g().")
+        return bypass(patch, y, lambda t: t, None, 1 if getattr(self, "is_conv", False) else -1)
+
+
+def _module_of(org_forward):
+    """The module whose forward the hook wraps: ``org_forward`` is its bound ``forward``, or
+    another bypass hook's (``BypassForwardHook._bypass_forward``, whose ``module`` it is)."""
+    owner = getattr(org_forward, "__self__", None)
+    return getattr(owner, "module", owner) if not isinstance(owner, torch.nn.Module) else owner
 
 
 _IDENTITY = (lambda a: a).__code__

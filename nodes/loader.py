@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
 import threading
 
 import comfy.utils
+import comfy.weight_adapter
 import folder_paths
 import torch
 
@@ -49,6 +51,74 @@ BLOCK_WEIGHTS_TOOLTIP = (
     "OUTALL, ...), or named blocks: TE:0, IN:0.5, MID:1, OUT:1 (Flux: double:1, single:0.6). Weight 0 leaves "
     "a block untouched."
 )
+
+APPLY = ("auto", "merge", "bypass")
+APPLY_TOOLTIP = (
+    "How the BOFT reaches the model. auto (default): bypass when the layers' weights are quantized "
+    "(float8, QuantizedTensor), merge otherwise. merge: rotate the weights (exact; quantized weights are "
+    "dequantized, patched and requantized). bypass: leave the weights untouched and rotate each layer's "
+    "output (or input) at run time, equal to the merge; needs ComfyUI 0.28 or newer."
+)
+BYPASS_VERSION = "0.28.0"
+_INJECTION_IDS = itertools.count()
+
+
+def bypass_supported() -> bool:
+    """Whether the host has bypass mode (ComfyUI 0.28: ``comfy.weight_adapter.BypassInjectionManager``)."""
+    return hasattr(comfy.weight_adapter, "BypassInjectionManager")
+
+
+def host_version() -> str:
+    try:
+        import comfyui_version
+
+        return str(comfyui_version.__version__)
+    except ImportError:
+        return "unknown"
+
+
+def is_quantized(weight) -> bool:
+    """A weight stored as float8 or as ComfyUI 0.28's ``QuantizedTensor`` (fp8 scaled, nvfp4, mixed)."""
+    return (type(weight).__name__ == "QuantizedTensor"
+            or getattr(weight, "dtype", None) in (torch.float8_e4m3fn, torch.float8_e5m2))
+
+
+def choose_apply(apply: str, root, keys, boft_name: str) -> str:
+    """``merge`` or ``bypass`` for one part (model or text encoder) whose patched weights are ``keys``."""
+    if apply not in APPLY:
+        raise BoftError(f"{boft_name}: unknown apply {apply!r}; expected one of {', '.join(APPLY)}.")
+    if apply == "bypass" and not bypass_supported():
+        raise BoftError(
+            f"{boft_name}: apply=bypass needs ComfyUI {BYPASS_VERSION} or newer (bypass mode); this is "
+            f"ComfyUI {host_version()}. Use apply=merge (or auto, which merges here)."
+        )
+    if apply == "auto":
+        quantized = bypass_supported() and any(is_quantized(_target(root, key)) for key in keys)
+        return "bypass" if quantized else "merge"
+    return apply
+
+
+def add_bypass(patcher, root, patches: dict, strengths: dict, device=None) -> None:
+    """Our adapters as forward hooks (0.28's bypass mode) on ``patcher``'s model: the weights stay as
+    they are. Row slices (offset keys, which bypass cannot take) and PEFT's trained biases are
+    merged as usual, as core's ``load_bypass_lora_for_models`` does with non-adapter patches."""
+    manager = comfy.weight_adapter.BypassInjectionManager()
+    rest = {}
+    for key, patch in patches.items():
+        if isinstance(patch, BOFTAdapter) and isinstance(key, str):
+            manager.add_adapter(key, patch, strength=strengths[key])
+        else:
+            rest[key] = patch
+    for strength, group in by_strength(rest, strengths).items():
+        patcher.add_patches(group, strength)
+    if batches_on(device):
+        for strength, group in by_strength(patches, strengths).items():  # one batched setup, as for a merge
+            BOFTAdapter.prepare_all([p for p in group.values() if isinstance(p, BOFTAdapter)], strength,
+                                    torch.device(device))
+    injections = manager.create_injections(root)
+    if manager.get_hook_count():
+        # a key of our own per node run: chained loaders keep each other's hooks
+        patcher.set_injections(f"boft_bypass_{next(_INJECTION_IDS)}", injections)
 
 
 def file_stamp(path: str) -> tuple:
@@ -210,7 +280,8 @@ def by_strength(patches: dict, strengths: dict) -> dict[float, dict]:
     return groups
 
 
-def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, unique_id=None, block_weights=""):
+def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, unique_id=None, block_weights="",
+               apply="auto"):
     check_mode(mode)
     # NaN passes ComfyUI's min/max check (every comparison with it is false)
     strength_model = check_strength(strength_model, f"{boft_name}: strength_model")
@@ -218,29 +289,34 @@ def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, uniq
     weights = parse_block_weights(block_weights, model_family(model)) if (block_weights or "").strip() else None
     if strength_model == 0 and strength_clip == 0:
         LAST_RUNS.record(unique_id, {"boft_name": boft_name, "applied": 0, "total": None, "not_applied": [],
-                                     "report": "BOFT: strength 0, nothing applied."})
+                                     "report": "BOFT: strength 0, nothing applied.", "apply": None})
         return model, clip, "BOFT: strength 0, nothing applied."
     path = folder_paths.get_full_path_or_raise("loras", boft_name)
     boft_file = CACHE.get(path)
     use_clip = clip if (clip is not None and strength_clip != 0) else None
     patches, strengths, missing = plan_patches(boft_file, model if strength_model != 0 else None, use_clip,
                                                mode, strength_model, strength_clip, weights)
+    how = {part: choose_apply(apply, root, [k for k, p in patches[part].items() if isinstance(p, BOFTAdapter)],
+                              boft_name)
+           for part, root in (("model", model.model if model is not None else None),
+                              ("clip", clip.cond_stage_model if clip is not None else None)) if patches[part]}
     new_model, new_clip = model, clip
     if patches["model"]:
         new_model = model.clone()
-        device = getattr(model, "load_device", None)
-        for strength, group in by_strength(patches["model"], strengths["model"]).items():
-            new_model.add_patches(group, strength)
-            if batches_on(device):
-                # one batched setup for every layer now, instead of per layer while ComfyUI patches
-                BOFTAdapter.prepare_all([p for p in group.values() if isinstance(p, BOFTAdapter)],
-                                        strength, torch.device(device))
+        if how["model"] == "bypass":
+            add_bypass(new_model, new_model.model, patches["model"], strengths["model"],
+                       getattr(model, "load_device", None))
+        else:
+            _merge_patches(new_model, patches["model"], strengths["model"], getattr(model, "load_device", None))
     if patches["clip"]:
         new_clip = clip.clone()
-        for strength, group in by_strength(patches["clip"], strengths["clip"]).items():
-            new_clip.add_patches(group, strength)
+        if how["clip"] == "bypass":
+            add_bypass(new_clip.patcher, new_clip.cond_stage_model, patches["clip"], strengths["clip"])
+        else:
+            _merge_patches(new_clip, patches["clip"], strengths["clip"], None)
+    used = "/".join(sorted(set(how.values())))
     applied = sum(isinstance(p, BOFTAdapter) for group in patches.values() for p in group.values())
-    report = (f"BOFT {os.path.basename(boft_name)} ({boft_file.format}, {mode}): applied "
+    report = (f"BOFT {os.path.basename(boft_name)} ({boft_file.format}, {mode}, {used}): applied "
               f"{applied} of {len(boft_file.layers)} layers")
     report += f" (model {sum(isinstance(p, BOFTAdapter) for p in patches['model'].values())}"
     report += f", clip {sum(isinstance(p, BOFTAdapter) for p in patches['clip'].values())})."
@@ -258,8 +334,19 @@ def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, uniq
     else:
         log.info(report)
     LAST_RUNS.record(unique_id, {"boft_name": boft_name, "applied": applied, "total": len(boft_file.layers),
-                                 "not_applied": missing, "report": report})
+                                 "not_applied": missing, "report": report, "apply": used,
+                                 "apply_asked": apply})
     return new_model, new_clip, report
+
+
+def _merge_patches(patcher, patches: dict, strengths: dict, device) -> None:
+    """Our adapters as weight patches (merged by ComfyUI's ModelPatcher)."""
+    for strength, group in by_strength(patches, strengths).items():
+        patcher.add_patches(group, strength)
+        if batches_on(device):
+            # one batched setup for every layer now, instead of per layer while ComfyUI patches
+            BOFTAdapter.prepare_all([p for p in group.values() if isinstance(p, BOFTAdapter)],
+                                    strength, torch.device(device))
 
 
 def _inputs(with_clip: bool) -> dict:
@@ -275,7 +362,8 @@ def _inputs(with_clip: bool) -> dict:
     if with_clip:
         required["strength_clip"] = ("FLOAT", dict(strength))
     required["mode"] = (list(MODES), {"default": "lycoris", "tooltip": MODE_TOOLTIP})
-    optional = {"block_weights": ("STRING", {"default": "", "multiline": False, "tooltip": BLOCK_WEIGHTS_TOOLTIP})}
+    optional = {"block_weights": ("STRING", {"default": "", "multiline": False, "tooltip": BLOCK_WEIGHTS_TOOLTIP}),
+                "apply": (list(APPLY), {"default": "auto", "tooltip": APPLY_TOOLTIP})}
     return {"required": required, "optional": optional, "hidden": {"unique_id": "UNIQUE_ID"}}
 
 
@@ -314,9 +402,9 @@ class BOFTLoader(_Loader):
     DESCRIPTION = "Apply a BOFT (butterfly orthogonal fine-tuning) adapter to a model and its text encoder."
 
     def load_boft(self, model, clip, boft_name, strength_model, strength_clip, mode="lycoris", unique_id=None,
-                  block_weights=""):
+                  block_weights="", apply="auto"):
         new_model, new_clip, report = apply_boft(model, clip, boft_name, strength_model, strength_clip,
-                                                 mode, unique_id, block_weights)
+                                                 mode, unique_id, block_weights, apply)
         return {"ui": {"boft_report": [report]}, "result": (new_model, new_clip, trigger_words_of(boft_name))}
 
 
@@ -330,7 +418,8 @@ class BOFTLoaderModelOnly(_Loader):
     OUTPUT_TOOLTIPS = ("The patched diffusion model.", TRIGGER_TOOLTIP)
     DESCRIPTION = "Apply a BOFT (butterfly orthogonal fine-tuning) adapter to a diffusion model."
 
-    def load_boft(self, model, boft_name, strength_model, mode="lycoris", unique_id=None, block_weights=""):
+    def load_boft(self, model, boft_name, strength_model, mode="lycoris", unique_id=None, block_weights="",
+                  apply="auto"):
         new_model, _, report = apply_boft(model, None, boft_name, strength_model, 0.0, mode, unique_id,
-                                          block_weights)
+                                          block_weights, apply)
         return {"ui": {"boft_report": [report]}, "result": (new_model, trigger_words_of(boft_name))}

@@ -63,12 +63,13 @@ class ComfyServer:
 
     def __init__(self, work_dir: str | os.PathLike, *, link_pack: bool = True,
                  comfy_dir: str | os.PathLike | None = None, python: str | None = None,
-                 extra_args: tuple[str, ...] = (), boot_timeout: float = 180.0):
+                 extra_args: tuple[str, ...] = (), boot_timeout: float = 180.0, env: dict | None = None):
         self.work_dir = Path(work_dir).resolve()
         self.comfy_dir = Path(comfy_dir).resolve() if comfy_dir else comfyui_dir()
         self.python = python or venv_python()
         self.link_pack = link_pack
         self.extra_args = tuple(extra_args)
+        self.env = dict(env or {})  # extra environment variables for the server
         self.boot_timeout = boot_timeout
         self.models = self.work_dir / "models"
         self.output_dir = self.work_dir / "output"
@@ -119,7 +120,7 @@ class ComfyServer:
             "--disable-api-nodes", "--disable-auto-launch",
             *self.extra_args,
         ]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **self.env)
         self._log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log_file,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)

@@ -658,6 +658,7 @@ def test_drop_creates_a_working_node(view, server):
     got = fields(view, node_id)
     assert got["layers"] == "20 · last run applied 18 of 20"
     assert got["not-applied"] == ", ".join(sorted(server.demo["not_applied"]))
+    assert got["apply"] == "merged into the weights (auto)"  # a float32 model: auto merges
     # The panel learns of the run when our node has executed; the prompt's history entry comes at its end.
     prefix = f"boft_browser_{view.rendering}_"
     deadline = time.monotonic() + 90

@@ -35,6 +35,15 @@ function coverage(info, lastRun) {
   return `${info.layers} · last run applied ${lastRun.applied} of ${lastRun.total}`;
 }
 
+const APPLIED_AS = { merge: "merged into the weights", bypass: "bypass (weights untouched)" };
+
+/** How the last run applied the file: merge or bypass (the loader's `apply` input; auto picks). */
+function appliedAs(lastRun) {
+  if (!lastRun?.apply) return null;
+  const how = lastRun.apply.split("/").map((a) => APPLIED_AS[a] ?? a).join(" + ");
+  return lastRun.apply_asked === "auto" ? `${how} (auto)` : how;
+}
+
 function triggerChips(info, limit) {
   const words = info.trigger_words ?? [];
   if (!words.length) return el("div", { class: "boft-muted" }, "No trigger words (no ss_tag_frequency).");
@@ -108,6 +117,7 @@ function render(root, state, large, setBlockWeights) {
        el("span", { dataset: { field: "format" } }, info.format),
        el("span", { class: "boft-muted", dataset: { field: "family" } }, ` · ${info.family}`)),
     row("Layers", "layers", coverage(info, lastRun)),
+    appliedAs(lastRun) ? row("Applied as", "apply", appliedAs(lastRun)) : null,
     notApplied.length ? row("Not applied", "not-applied", large ? notApplied.join(", ")
       : `${notApplied.slice(0, 3).join(", ")}${notApplied.length > 3 ? ` and ${notApplied.length - 3} more` : ""}`)
       : null,

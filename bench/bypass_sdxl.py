@@ -1,0 +1,150 @@
+"""Per-forward cost of a BOFT in ComfyUI 0.28's bypass mode: the whole SDXL UNet, 1024x1024.
+
+The host's own SDXL model class (random weights, float16/bfloat16 on the device), a full-depth
+LyCORIS BOFT on every layer ``bench.py`` uses (794 layers at lora_dim 16), injected through
+0.28's own ``BypassInjectionManager`` with the pack's adapter, as ``LoraLoaderBypass`` and our
+loader's ``apply=bypass`` do. Latent 128x128, batch 1, one UNet forward (no sampler, no VAE).
+
+Measured (CUDA events, median of ``--runs``): the plain forward; the forward in bypass mode;
+the first forward after a strength change (new adapters at a new strength: every rotation is
+prepared during that forward, lazily per layer, or before it in one batched pass, as our loader
+does on a GPU). Example::
+
+    python bench/bypass_sdxl.py --comfyui /path/to/ComfyUI-0.28 --dtype float16 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import bench as harness  # noqa: E402  (the merge benchmark's host loader and SDXL workload)
+
+
+def adapters_for(comfy, layers, seed=0):
+    """The pack's adapter for each layer, from a LyCORIS file's tensors (random, non-zero blocks)."""
+    out = {}
+    for i, layer in enumerate(layers):
+        gen = torch.Generator().manual_seed(seed + i)
+        blocks = torch.randn(layer.m, layer.nb, layer.b, layer.b, generator=gen) * 0.05
+        tensors = {f"{layer.lname}.oft_blocks": blocks.half(), f"{layer.lname}.alpha": torch.tensor(0.0)}
+        out[layer.key] = comfy.NodeAdapter.load(layer.lname, tensors, 0.0, None)
+    return out
+
+
+def inject(net, adapters, strength):
+    import comfy.weight_adapter
+
+    manager = comfy.weight_adapter.BypassInjectionManager()
+    for key, adapter in adapters.items():
+        manager.add_adapter(key, adapter, strength=strength)
+    (injection,) = manager.create_injections(net)
+    injection.inject(None)
+    return injection
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, runs, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = [once(fn)[0] for _ in range(runs)]
+    return statistics.median(times), times
+
+
+def once(fn):
+    """Wall time of ``fn()`` in ms, the device synced before and after (the forward is one
+    stream of kernels: the host waits at the end, so this is the GPU time plus launch gaps)."""
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--comfyui", default=os.environ.get("BOFT_COMFYUI_DIR", ""))
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--json")
+    p.add_argument("--smoke", action="store_true",
+                   help="a check of this script on the CPU: a small SDXL-family UNet, 16x16 latent, float32")
+    args = p.parse_args(argv)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.float32 if args.smoke else getattr(torch, args.dtype)
+    comfy = harness.Comfy(args.comfyui, device)
+    size = 128
+    if args.smoke:  # tests/tiny_models.py's SDXL: Segmind-Vega depths, detected as SDXL, 109 M parameters
+        harness.MODELS["sdxl"] = dict(harness.SDXL, channel_mult=[1, 1, 1], transformer_depth=[0, 0, 1, 1, 2, 2],
+                                      transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2],
+                                      transformer_depth_middle=-2)
+        size = 16
+    net, model_class = harness.build_model(comfy, "sdxl", device, dtype)
+    net.eval()
+    layers = harness.model_layers(net, 16)
+    unet = net.diffusion_model
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(1, 4, size, size, generator=gen, device=device, dtype=dtype)
+    t = torch.tensor([500.0], device=device)
+    context = torch.randn(1, 77, 2048, generator=gen, device=device, dtype=dtype)
+    y = torch.randn(1, 2816, generator=gen, device=device, dtype=dtype)
+
+    def forward():
+        with torch.inference_mode():
+            return unet(x, timesteps=t, context=context, y=y)
+
+    res = {"comfyui": comfy.version, "model": model_class, "dtype": args.dtype, "layers": len(layers),
+           "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+           "latent": [1, 4, size, size]}
+    res["plain_ms"], res["plain_all"] = timed(forward, args.runs, warmup=3)
+    plain_out = forward().float()
+
+    adapter_cls = type(next(iter(adapters_for(comfy, layers[:1]).values())))
+    cache = sys.modules[adapter_cls.__module__].CACHE
+    # first forward after a strength change, lazily: each layer prepares its rotation when it runs
+    injection = inject(net, adapters_for(comfy, layers), 1.0)
+    res["first_lazy_ms"], out = once(forward)
+    res["bypass_ms"], res["bypass_all"] = timed(forward, args.runs)
+    if device.type == "cuda":  # where a bypass forward's GPU time goes
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            forward()
+            sync()
+        res["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+    res["bypass_changed_output_rel"] = ((out.float() - plain_out).norm() / plain_out.norm()).item()
+    injection.eject(None)
+    # a strength change with the batched preparation our loader runs on a GPU before sampling
+    adapters = adapters_for(comfy, layers, seed=10_000)
+    res["prepare_all_ms"], _ = once(lambda: adapter_cls.prepare_all(list(adapters.values()), 0.7, device))
+    injection = inject(net, adapters, 0.7)
+    res["first_prepared_ms"], _ = once(forward)
+    res["bypass_ms_s07"], _ = timed(forward, args.runs)
+    injection.eject(None)
+    res["plain_ms_after"], _ = timed(forward, args.runs)
+    res["overhead_pct"] = 100 * (res["bypass_ms"] / min(res["plain_ms"], res["plain_ms_after"]) - 1)
+    res["cache_counts"] = dict(cache.counts)
+    if device.type == "cuda":
+        res["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print(res.pop("profile", ""))
+    print(json.dumps({k: v for k, v in res.items() if not k.endswith("_all")}, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
