@@ -31,6 +31,29 @@ def cayley(q: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye - q, eye + q, left=False)
 
 
+def neumann(q: torch.Tensor, terms: int, legacy: bool = False) -> torch.Tensor:
+    """PEFT's Cayley-Neumann approximation of ``(I + Q)(I - Q)^-1`` for a batch ``q`` (..., b, b).
+
+    PEFT >= 0.18 (``OFTRotationModule._cayley_batch``): ``I + 2Q + 2Q² + ... + 2Q^(k-1) + Q^k``
+    with ``k = max(terms - 1, 3)`` for ``terms > 2``; ``I + 2Q`` for ``terms == 2``; ``I`` for 1.
+    ``legacy`` (PEFT 0.16-0.17, kohya and OneTrainer's 5 terms are the new form): the last term is
+    ``2Q^k`` too. Not exactly orthogonal; the error is O(‖Q‖^(k+1)).
+    """
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    r = eye.expand(q.shape).clone()
+    if terms > 1:
+        r = r + 2 * q
+    if terms > 2:
+        power = q @ q
+        r = r + 2 * power
+        for _ in range(3, terms - 1):
+            power = power @ q
+            r = r + 2 * power
+        power = power @ q
+        r = r + (2 if legacy else 1) * power
+    return r
+
+
 def stage_index(n: int, b: int, stage: int, layout: str, device=None) -> torch.Tensor:
     """Row order of stage ``stage``: position ``t*b + p`` of the block diagonal is row ``idx[t*b+p]``.
 

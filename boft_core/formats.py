@@ -10,6 +10,18 @@ Formats (``../shared/docs/boft-formats.md``):
   (1, out) conv) [+ ``.base_layer.bias``], with ``adapter_config.json`` beside. Rotates inputs.
 * ``kohya-boft``: sd-scripts ``networks.boft``: ``lora_unet_...``/``lora_te..._`` + ``boft_R`` /
   ``boft_s`` (out, 1). PEFT's math. Rotates inputs.
+
+The rest of the orthogonal family (doc §6): one stage of contiguous blocks.
+
+* ``peft-oft``: PEFT >= 0.16 OFTv2, ``base_model.model.<path>.oft_R.weight`` (rows, b(b-1)/2), the
+  packed upper triangle of each block; ``adapter_config.json`` says Neumann (terms, and the series
+  by ``peft_version``) or exact Cayley, ``coft``/``eps`` and ``block_share``. Rotates inputs.
+* ``kohya-oft-v2`` (sd-scripts ``networks.oft_v2``) and ``onetrainer-oft`` (OneTrainer OFT_2, with
+  an optional ``.oft_R.scaled_oft``): the same packed blocks, 5 Neumann terms, convs untransposed.
+* ``kohya-oft``: sd-scripts legacy ``networks.oft``, ``oft_unet_<path>.oft_blocks`` (k, b, b) +
+  ``.alpha``; Flux's fused layers as ``.oft_blocks.0..N`` (row slices). diag-OFT's math.
+* ``comfyui-oft``: ComfyUI 0.28's trainer, ``diffusion_model.<path>.oft_blocks`` (k, b, b) +
+  ``.alpha`` (1.0), no metadata; its trainer clamps ‖Q‖_F to ``alpha``, not ``alpha * out_dim``.
 """
 
 from __future__ import annotations
@@ -17,15 +29,24 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .butterfly import CONCATENATED, INTERLEAVED, check_butterfly_shape
 
-FORMATS = ("lycoris-boft", "lycoris-diag-oft", "peft-boft", "kohya-boft")
+FORMATS = ("lycoris-boft", "lycoris-diag-oft", "peft-boft", "kohya-boft", "peft-oft", "kohya-oft-v2",
+           "onetrainer-oft", "kohya-oft", "comfyui-oft")
+INPUT_SIDE = ("peft-boft", "kohya-boft", "peft-oft", "kohya-oft-v2", "onetrainer-oft")  # W' = W Bᵀ
+PACKED = ("peft-oft", "kohya-oft-v2", "onetrainer-oft")  # oft_R.weight: packed upper triangles
+TRANSPOSED = ("lycoris-diag-oft", "kohya-oft", "comfyui-oft")  # W'_k = R_kᵀ W_k, contiguous blocks
+# How an ``.alpha`` constraint is read: "lycoris" (and kohya) clamp ‖Q‖_F to alpha * out_dim,
+# ComfyUI's trainer to alpha; "auto" takes "comfyui" for files its trainer wrote, else "lycoris".
+CONSTRAINTS = ("auto", "lycoris", "comfyui")
+ONETRAINER_TERMS = KOHYA_TERMS = 5  # OneTrainer OFT_2 and sd-scripts oft_v2: 5 Neumann terms, always
 PEFT_PREFIX = "base_model.model."
 MAX_HEADER = 100_000_000  # bytes of a safetensors JSON header: safetensors' own limit (and ours for any JSON)
 MAX_JSON_DEPTH = 64  # nesting; a safetensors header is 3 deep, PEFT configs and ss_tag_frequency a few more
@@ -52,6 +73,14 @@ class BoftLayer:
     scale: torch.Tensor | None = None  # (out,): LyCORIS rescale or PEFT/kohya boft_s
     bias: torch.Tensor | None = None  # PEFT bias trained with bias="boft_only"/"all"
     keys: tuple[str, ...] = ()  # the file's keys this layer consumed
+    constraint: str = "lycoris"  # threshold = alpha * out_dim ("lycoris", kohya too) or alpha ("comfyui")
+    neumann: int = 0  # OFTv2: R by this many Cayley-Neumann terms (butterfly.neumann); 0: exact Cayley
+    neumann_legacy: bool = False  # PEFT 0.16-0.17's Neumann series (last term doubled)
+    coft_norm: float = 0.0  # OFTv2 coft: each block's ‖Q‖_F clamped to this (eps / sqrt(stored rows)); 0: off
+    q_scale: float = 1.0  # OneTrainer scaled_oft: Q = (A - Aᵀ) * q_scale, q_scale = 1 / (2 sqrt(b - 1))
+    shared: bool = False  # OFTv2 block_share: blocks (1, 1, b, b) stand for every block (merge.fit expands)
+    conv_untransposed: bool = False  # kohya oft_v2 / OneTrainer: a conv gets W BD(R), not W BD(R)ᵀ (merge.fit)
+    rows: tuple[int, int] | None = None  # (start, count): rows of the target it acts on (kohya Flux parts)
     # A key for this layer's data (blocks, scale, alpha, kind), for boft_core.cache: new for every
     # layer read. dataclasses.replace copies it: a copy with other data needs a new one.
     token: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False, repr=False)
@@ -59,7 +88,7 @@ class BoftLayer:
     @property
     def side(self) -> str:
         """``"out"``: W' = scale * B W; ``"in"``: W' = scale * W Bᵀ (W flattened to 2-D)."""
-        return "in" if self.kind in ("peft-boft", "kohya-boft") else "out"
+        return "in" if self.kind in INPUT_SIDE else "out"
 
     @property
     def layout(self) -> str:
@@ -359,12 +388,45 @@ def read_file(path: str) -> BoftFile:
     config = read_config(config_path) if config_path is not None else None
     fmt = detect_format(path, list(header), metadata, config)
     tensors = load_tensors(path)
-    layers = PARSERS[fmt](path, tensors)
+    if fmt in PACKED:
+        layers = parse_packed(path, tensors, fmt, packed_rule(path, fmt, config, metadata))
+    else:
+        layers = PARSERS[fmt](path, tensors)
     if not layers:
         raise BoftError(f"{path}: no BOFT layers found.")
+    if fmt == "lycoris-boft" and comfyui_trained(layers, metadata):
+        layers = {name: replace(layer, kind="comfyui-oft", constraint="comfyui") for name, layer in layers.items()}
     kinds = {layer.kind for layer in layers.values()}
     fmt = kinds.pop() if len(kinds) == 1 else fmt  # a LyCORIS file of only 3-D blocks is diag-OFT
     return BoftFile(path=path, format=fmt, layers=layers, metadata=metadata, config=config)
+
+
+def comfyui_trained(layers: dict[str, BoftLayer], metadata: dict) -> bool:
+    """Whether a file of ``oft_blocks`` is what ComfyUI 0.28's training node writes: every layer
+    ``diffusion_model.<path>`` with 3-D blocks and a stored ``.alpha`` of 1.0, and no metadata."""
+    return not metadata and all(
+        layer.kind == "lycoris-diag-oft" and layer.name.startswith("diffusion_model.") and layer.alpha == 1.0
+        and f"{layer.name}.alpha" in layer.keys for layer in layers.values())
+
+
+def with_constraint(boft_file: BoftFile, choice: str) -> BoftFile:
+    """``boft_file`` with every ``.alpha`` constraint read by rule ``choice`` (one of CONSTRAINTS):
+    ``auto`` keeps what was detected (``comfyui`` for ComfyUI-trained files, else ``lycoris``)."""
+    if choice not in CONSTRAINTS:
+        raise BoftError(f"unknown constraint rule {choice!r}; expected one of {', '.join(CONSTRAINTS)}.")
+    if choice == "auto":
+        return boft_file
+    layers = {name: layer if layer.constraint == choice or layer.kind in PACKED
+              else replace(layer, constraint=choice, token=f"{layer.token}:{choice}")
+              for name, layer in boft_file.layers.items()}
+    return replace(boft_file, layers=layers)
+
+
+def constraint_rule(boft_file: BoftFile) -> str:
+    """Which constraint rule the file's layers use, for the panel and the report: ``lycoris``
+    (alpha x out_dim), ``comfyui`` (alpha), ``none`` (no layer has a constraint)."""
+    rules = sorted({layer.constraint for layer in boft_file.layers.values() if layer.alpha > 0})
+    return "/".join(rules) or "none"
 
 
 # --- detection ---------------------------------------------------------------------------------
@@ -377,35 +439,68 @@ OTHER_FORMATS = (
     (".hada_w1_a", "a LyCORIS LoHa"),
     (".lokr_w1", "a LyCORIS LoKr"),
     (".lokr_w1_a", "a LyCORIS LoKr"),
-    (".oft_R.weight", "a PEFT OFT adapter (oft_R)"),
-    (".oft_r", "a PEFT OFT adapter (oft_r)"),
     (".w_norm", "a LyCORIS norm adapter"),
     (".diff", "a LyCORIS full-weight diff"),
 )
 
 
 def detect_format(path: str, keys: list[str], metadata: dict, config: dict | None) -> str:
-    """Exactly one of FORMATS, or a BoftError saying what the file is instead."""
-    oft = [k for k in keys if k.endswith(".oft_blocks")]
+    """Exactly one of FORMATS (``lycoris-boft`` stands for every ``oft_blocks`` file but kohya's:
+    diag-OFT and ComfyUI-trained files are told apart after parsing), or a BoftError saying what
+    the file is instead."""
+    oft = [k for k in keys if k.endswith(".oft_blocks") or _PART.search(k)]
     boft_r = [k for k in keys if k.endswith(".boft_R")]
-    if config is not None and str(config.get("peft_type", "")).upper() not in ("", "BOFT"):
+    packed = [k for k in keys if k.endswith(".oft_R.weight")]
+    old_oft = next((k for k in keys if k.endswith(".oft_r")), None)
+    peft_type = str(config.get("peft_type", "")).upper() if config is not None else ""
+    if peft_type not in ("", "BOFT", "OFT"):
         raise BoftError(
             f"{path}: the adapter_config.json beside it says peft_type {config.get('peft_type')!r}; "
-            "only BOFT adapters are supported."
+            "only BOFT and OFT adapters are supported."
         )
-    if oft and boft_r:
+    if old_oft is not None:
+        version = config.get("peft_version") if config is not None else None
         raise BoftError(
-            f"{path}: mixes LyCORIS keys ({oft[0]}) and PEFT/kohya keys ({boft_r[0]}); one file "
-            "must hold one format."
+            f"{path}: an OFT adapter in PEFT's old format (key {old_oft}), written by PEFT "
+            f"{version if version else '0.15 or older'}: PEFT <= 0.13 stored oft_r (r, out/r, out/r), "
+            "0.14-0.15 oft_r (r, in/r, in/r) with oft_s, and this pack reads only PEFT >= 0.16's "
+            "oft_R.weight. Retrain or re-save it with PEFT >= 0.16."
         )
-    if oft:
-        if any(k.startswith(("oft_unet_", "oft_te")) for k in oft):
+    found = [(what, hits[0]) for what, hits in (("LyCORIS/kohya/ComfyUI oft_blocks", oft),
+                                                ("PEFT/kohya boft_R", boft_r), ("OFTv2 oft_R", packed)) if hits]
+    if len(found) > 1:
+        shown = " and ".join(f"{what} keys ({key})" for what, key in found)
+        raise BoftError(f"{path}: mixes {shown}; one file must hold one format.")
+    if packed:
+        if peft_type == "OFT":
+            return "peft-oft"
+        if peft_type == "BOFT":
+            raise BoftError(f"{path}: the adapter_config.json beside it says peft_type 'BOFT', but the "
+                            f"file holds OFT keys ({packed[0]}).")
+        if packed[0].startswith(PEFT_PREFIX):
             raise BoftError(
-                f"{path}: looks like a kohya sd-scripts OFT file (networks.oft, key {oft[0]}), "
-                "which is not BOFT and is not supported by this pack."
+                f"{path}: a PEFT OFT adapter (key {packed[0]}) without its adapter_config.json beside "
+                "it; the config says how to build the rotations (Neumann terms, PEFT version). Load "
+                "the adapter folder, or put the config next to the file."
             )
+        if metadata.get("ss_network_module") == "networks.oft_v2":
+            return "kohya-oft-v2"
+        return "onetrainer-oft"
+    if oft:
+        if any(k.startswith("oft_unet_") for k in oft):
+            return "kohya-oft"
+        if any(k.startswith("oft_te") for k in oft):
+            raise BoftError(f"{path}: a kohya sd-scripts OFT file with text-encoder keys ({oft[0]}), "
+                            "which sd-scripts' networks.oft never writes; not supported.")
+        part = next((k for k in oft if _PART.search(k)), None)
+        if part is not None:
+            raise BoftError(f"{path}: key {part} splits oft_blocks into parts, which only kohya's "
+                            "networks.oft does (with oft_unet_ names); this file is not one of those.")
         return "lycoris-boft"  # diag-OFT blocks are told apart per layer by ndim, see parse_lycoris
     if boft_r:
+        if peft_type == "OFT":
+            raise BoftError(f"{path}: the adapter_config.json beside it says peft_type 'OFT', but the "
+                            f"file holds BOFT keys ({boft_r[0]}).")
         module = metadata.get("ss_network_module", "")
         if module == "networks.boft" or not boft_r[0].startswith(PEFT_PREFIX):
             return "kohya-boft"
@@ -414,15 +509,18 @@ def detect_format(path: str, keys: list[str], metadata: dict, config: dict | Non
         hit = next((k for k in keys if k.endswith(suffix)), None)
         if hit is not None:
             raise BoftError(
-                f"{path}: this is {what} (key {hit}), not a BOFT adapter. Load it with a LoRA "
-                "loader; this pack reads LyCORIS BOFT/diag-OFT (oft_blocks) and PEFT/kohya BOFT "
-                "(boft_R/boft_s)."
+                f"{path}: this is {what} (key {hit}), not a BOFT/OFT adapter. Load it with a LoRA "
+                "loader; this pack reads LyCORIS BOFT/diag-OFT, kohya and ComfyUI OFT (oft_blocks), "
+                "PEFT/kohya BOFT (boft_R/boft_s) and OFTv2 (oft_R.weight)."
             )
     sample = ", ".join(keys[:3]) or "no tensors at all"
     raise BoftError(
-        f"{path}: no BOFT keys found (expected '<layer>.oft_blocks' or '<layer>.boft_R'; the file "
-        f"has {len(keys)} keys, e.g. {sample})."
+        f"{path}: no BOFT/OFT keys found (expected '<layer>.oft_blocks', '<layer>.boft_R' or "
+        f"'<layer>.oft_R.weight'; the file has {len(keys)} keys, e.g. {sample})."
     )
+
+
+_PART = re.compile(r"\.oft_blocks\.\d+$")
 
 
 # --- parsing -----------------------------------------------------------------------------------
@@ -480,12 +578,15 @@ def _vector(path: str, key: str, value: torch.Tensor, size: int | None, what: st
     return value.reshape(-1)
 
 
-def lycoris_layer(path: str, name: str, parts: dict[str, torch.Tensor]) -> BoftLayer:
-    """One LyCORIS layer from its tensors by suffix (``oft_blocks``, ``alpha``, ``rescale``)."""
+def lycoris_layer(path: str, name: str, parts: dict[str, torch.Tensor], kind: str | None = None) -> BoftLayer:
+    """One LyCORIS layer from its tensors by suffix (``oft_blocks``, ``alpha``, ``rescale``); ``kind``
+    ``kohya-oft`` for sd-scripts' (3-D blocks only)."""
     key = f"{name}.oft_blocks"
     raw = parts["oft_blocks"]
+    if kind == "kohya-oft" and raw.ndim != 3:
+        raise BoftError(f"{path}: {key} has shape {tuple(raw.shape)}; kohya OFT stores (block_num, b, b).")
     if raw.ndim == 3:
-        kind, blocks = "lycoris-diag-oft", _blocks(path, key, raw, CONCATENATED, ndim=3)
+        kind, blocks = kind or "lycoris-diag-oft", _blocks(path, key, raw, CONCATENATED, ndim=3)
     elif raw.ndim == 4:
         kind, blocks = "lycoris-boft", _blocks(path, key, raw, INTERLEAVED)
     else:
@@ -558,8 +659,183 @@ def parse_kohya(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, BoftLa
     return _parse(path, tensors, BOFT_R_SUFFIXES, build, "BOFT (boft_R/boft_s)")
 
 
+def parse_kohya_oft(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, BoftLayer]:
+    """sd-scripts ``networks.oft``: ``<name>.oft_blocks`` (k, b, b) + ``<name>.alpha``; Flux's fused
+    layers store parts ``<name>.oft_blocks.0..N`` (k, b_i, b_i) on consecutive row slices, each
+    with the constraint ``alpha * rows of the part``."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    rest = []
+    for key, value in tensors.items():
+        hit = re.match(r"^(.*)\.(oft_blocks(?:\.\d+)?|alpha)$", key)
+        if hit:
+            groups.setdefault(hit[1], {})[hit[2]] = value
+        else:
+            rest.append(key)
+    layers = {}
+    for name, parts in groups.items():
+        alpha = parts.pop("alpha", None)
+        if not parts:
+            rest.append(f"{name}.alpha")
+            continue
+        if alpha is None:
+            raise BoftError(f"{path}: {name} has oft_blocks but no {name}.alpha (kohya's constraint).")
+        if "oft_blocks" in parts and len(parts) > 1:
+            raise BoftError(f"{path}: {name} has both oft_blocks and oft_blocks.N parts.")
+        if "oft_blocks" in parts:
+            layer = lycoris_layer(path, name, {"oft_blocks": parts["oft_blocks"], "alpha": alpha}, kind="kohya-oft")
+            layers[layer.name] = layer
+            continue
+        indices = sorted(int(k.rsplit(".", 1)[1]) for k in parts)
+        if indices != list(range(len(indices))):
+            raise BoftError(f"{path}: {name} has parts oft_blocks.{indices}; expected 0..{len(indices) - 1}.")
+        start = 0
+        for i in indices:
+            key = f"oft_blocks.{i}"
+            layer = lycoris_layer(path, f"{name}.{key}", {"oft_blocks": parts[key], "alpha": alpha}, kind="kohya-oft")
+            layer = replace(layer, rows=(start, layer.dim), keys=(f"{name}.{key}", f"{name}.alpha"))
+            layers[layer.name] = layer
+            start += layer.dim
+    _refuse_leftovers(path, rest, "kohya OFT")
+    return layers
+
+
+def target_name(layer: BoftLayer) -> str:
+    """The model layer an adapter layer acts on: its name, or for a part of a fused layer (kohya
+    Flux ``<name>.oft_blocks.N``) the fused layer's name; ``layer.rows`` says which rows."""
+    return layer.name.rsplit(".oft_blocks.", 1)[0] if layer.rows is not None else layer.name
+
+
+# --- OFTv2 (packed oft_R) ------------------------------------------------------------------------
+
+PEFT_OFT_FIELDS = ("oft_block_size", "r", "use_cayley_neumann", "block_share", "coft")
+
+
+def packed_rule(path: str, fmt: str, config: dict | None, metadata: dict) -> dict:
+    """How an OFTv2 file's rotations are built: ``neumann`` terms (0 = exact Cayley), the PEFT
+    <0.18 series (``neumann_legacy``), coft's ``eps`` (0 = off) and PEFT's ``block_share``.
+
+    PEFT: from ``adapter_config.json`` (every field required; ``peft_version`` missing means
+    before 0.18, when PEFT added it, as PEFT itself reads it). kohya ``networks.oft_v2``: 5
+    terms, coft from ``ss_network_args``. OneTrainer: 5 terms.
+    """
+    if fmt == "peft-oft":
+        where = f"{path}: adapter_config.json"
+        missing = [f for f in PEFT_OFT_FIELDS if f not in config]
+        if config.get("use_cayley_neumann") and "num_cayley_neumann_terms" not in config:
+            missing.append("num_cayley_neumann_terms")
+        if config.get("coft") and "eps" not in config:
+            missing.append("eps")
+        if missing:
+            raise BoftError(f"{where} lacks {', '.join(missing)}, which PEFT OFT (peft_type OFT) "
+                            "configs carry; the rotations cannot be built without them.")
+        for f in ("use_cayley_neumann", "block_share", "coft"):
+            if not isinstance(config[f], bool):
+                raise BoftError(f"{where}: {f} is {config[f]!r}; expected true or false.")
+        terms = 0
+        legacy = False
+        if config["use_cayley_neumann"]:
+            terms = config["num_cayley_neumann_terms"]
+            if not isinstance(terms, int) or isinstance(terms, bool) or not 1 <= terms <= 64:
+                raise BoftError(f"{where}: num_cayley_neumann_terms is {terms!r}; expected an integer 1-64.")
+            version = config.get("peft_version")
+            legacy = version is None or peft_version(version, where) < (0, 18, 0)
+        eps = _config_eps(config.get("eps"), where) if config["coft"] else 0.0
+        return {"neumann": terms, "neumann_legacy": legacy, "eps": eps, "block_share": config["block_share"]}
+    eps = 0.0
+    if fmt == "kohya-oft-v2":
+        args = metadata.get("ss_network_args")
+        args = parse_json(args, f"{path}: ss_network_args") if args else {}
+        args = args if isinstance(args, dict) else {}
+        if str(args.get("coft", "false")).lower() in ("true", "1", "yes"):
+            if "coft_eps" not in args:
+                raise BoftError(f"{path}: ss_network_args turns coft on but gives no coft_eps.")
+            eps = _config_eps(args["coft_eps"], f"{path}: ss_network_args")
+    return {"neumann": KOHYA_TERMS, "neumann_legacy": False, "eps": eps, "block_share": None}
+
+
+def _config_eps(value, where: str) -> float:
+    try:
+        eps = float(value)
+    except (TypeError, ValueError):
+        eps = float("nan")
+    if isinstance(value, bool) or not (math.isfinite(eps) and eps > 0):
+        raise BoftError(f"{where}: coft's eps is {value!r}; expected a positive number.")
+    return eps
+
+
+def peft_version(text, where: str) -> tuple[int, int, int]:
+    """``peft_version`` as (major, minor, patch); a pre-release (``0.18.0.dev0``, ``0.18.0rc1``) counts
+    as the release before, as PEFT's own check (packaging) orders it. ``@commit`` is ignored."""
+    hit = re.match(r"^(\d+)\.(\d+)(?:\.(\d+))?(.*)$", str(text).partition("@")[0].strip())
+    if not isinstance(text, str) or hit is None or (hit[4] and not re.match(r"^(\.?(dev|rc|a|b|post)\d*)+$", hit[4])):
+        raise BoftError(f"{where}: peft_version {str(text)[:40]!r} is not a PEFT version number.")
+    version = (int(hit[1]), int(hit[2]), int(hit[3] or 0))
+    if re.match(r"^\.?(dev|rc|a|b)", hit[4]):
+        version = (version[0], version[1], version[2] - 1) if version[2] else (version[0], version[1] - 1, 999)
+    if version < (0, 16, 0):
+        raise BoftError(f"{where}: peft_version {text!r} with oft_R.weight keys: OFTv2 (oft_R) "
+                        "appeared in PEFT 0.16; this combination is unknown.")
+    return version
+
+
+def block_size_of(width: int) -> int | None:
+    """``b`` with ``b (b - 1) / 2 == width`` (b >= 2), or None."""
+    b = (1 + math.isqrt(1 + 8 * width)) // 2
+    return b if b >= 2 and b * (b - 1) // 2 == width else None
+
+
+def packed_layer(path: str, name: str, parts: dict[str, torch.Tensor], kind: str, rule: dict) -> BoftLayer:
+    """One OFTv2 layer: ``oft_R.weight`` (rows, b(b-1)/2) unpacked to upper triangles ``A`` (1,
+    rows, b, b) with ``Q = A - Aᵀ``; OneTrainer's ``oft_R.scaled_oft``; PEFT's ``base_layer.bias``."""
+    key = f"{name}.oft_R.weight"
+    value = parts["oft_R.weight"]
+    if not value.is_floating_point() or value.ndim != 2 or value.shape[0] < 1:
+        raise BoftError(f"{path}: {key} has shape {tuple(value.shape)} and dtype {value.dtype}; expected "
+                        "a float (rows, b*(b-1)/2) tensor (each row a block's packed upper triangle).")
+    rows, width = value.shape
+    b = block_size_of(width)
+    if b is None:
+        near = block_size_of(width) or (1 + math.isqrt(1 + 8 * width)) // 2
+        raise BoftError(f"{path}: {key} has shape {tuple(value.shape)}: a width of {width} is not "
+                        f"b*(b-1)/2 for any block size b (b = {near} gives {near * (near - 1) // 2}, "
+                        f"b = {near + 1} gives {(near + 1) * near // 2}).")
+    upper = torch.zeros(rows, b, b, dtype=value.dtype)
+    i, j = torch.triu_indices(b, b, 1)
+    upper[:, i, j] = value
+    q_scale = 1.0
+    scaled = parts.get("oft_R.scaled_oft")
+    if scaled is not None:
+        if scaled.numel() != 1:
+            raise BoftError(f"{path}: {name}.oft_R.scaled_oft has shape {tuple(scaled.shape)}; expected a scalar.")
+        if float(scaled.to(torch.float64).reshape(())) != 0:
+            q_scale = 1 / (2 * math.sqrt(b - 1))
+    shared = rows == 1 if rule["block_share"] is None else rule["block_share"]
+    if rule["block_share"] and rows != 1:
+        raise BoftError(f"{path}: {key} has shape {tuple(value.shape)}, but the config says block_share "
+                        "(one shared block: 1 row).")
+    bias = parts.get("base_layer.bias")
+    if bias is not None:
+        bias = _vector(path, f"{name}.base_layer.bias", bias, None, "a bias")
+    short = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+    layer = BoftLayer(name=short, kind=kind, blocks=upper.unsqueeze(0), bias=bias,
+                      keys=tuple(f"{name}.{s}" for s, v in parts.items() if v is not None),
+                      neumann=rule["neumann"], neumann_legacy=rule["neumann_legacy"],
+                      coft_norm=rule["eps"] / math.sqrt(rows) if rule["eps"] else 0.0, q_scale=q_scale,
+                      shared=shared and rows == 1, conv_untransposed=kind in ("kohya-oft-v2", "onetrainer-oft"))
+    check_finite(path, layer)
+    return layer
+
+
+def parse_packed(path: str, tensors: dict[str, torch.Tensor], kind: str, rule: dict) -> dict[str, BoftLayer]:
+    def build(path, name, parts):
+        return packed_layer(path, name, parts, kind, rule)
+    suffixes = ("oft_R.weight", "oft_R.scaled_oft", "base_layer.bias")
+    return _parse(path, tensors, suffixes, build, "OFTv2 (oft_R)")
+
+
 BOFT_R_SUFFIXES = ("boft_R", "boft_s", "base_layer.bias")
-PARSERS = {"lycoris-boft": parse_lycoris, "peft-boft": parse_peft, "kohya-boft": parse_kohya}
+PARSERS = {"lycoris-boft": parse_lycoris, "peft-boft": parse_peft, "kohya-boft": parse_kohya,
+           "kohya-oft": parse_kohya_oft}
 
 
 def check_finite(path: str, layer: BoftLayer) -> None:

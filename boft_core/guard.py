@@ -142,14 +142,15 @@ def stage_norms(layer: BoftLayer, strength: float, mode: str, where: str = "") -
     """Upper bounds of each stage's largest block spectral norm at ``strength`` in ``mode``."""
     s = float(strength)
     q = generator_norm(layer)
-    if (abs(s) * q if mode == "orthogonal" else q) <= SAFE_GENERATOR:
+    # a Neumann-parameterised R (OFTv2) is not a rotation: always measured
+    if not layer.neumann and (abs(s) * q if mode == "orthogonal" else q) <= SAFE_GENERATOR:
         if mode != "lycoris" or 0 <= s <= 1:
             return [ROUNDING] * layer.m  # a rotation, or a convex blend of one with I
         # s R + (1 - s) I: the bound grows with the rotation angle, so here each stage's largest
         # ‖A - Aᵀ‖_F is worth its cost (a blend of the generators' norms at most SAFE_GENERATOR)
         a = layer.blocks.to(torch.float32)
         per_stage = torch.linalg.matrix_norm(a - a.transpose(-1, -2)).amax(dim=1).to(torch.float64)
-        per_stage = per_stage * (0.5 if layer.side == "in" else 1.0)
+        per_stage = per_stage * _generator_factor(layer)
         return [math.sqrt(1 + 2 * s * (s - 1) * (1 - math.cos(2 * math.atan(float(qk))))) * ROUNDING
                 for qk in per_stage.clamp(max=q)]
     try:
@@ -174,7 +175,12 @@ def generator_norm(layer: BoftLayer) -> float:
     if blocks.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         blocks = blocks.to(torch.float32)  # float8: no amax on the CPU
     largest = float(blocks.abs().amax().to(torch.float64))
-    return 2 * layer.block_size * largest * (0.5 if layer.side == "in" else 1.0)  # PEFT/kohya: S = (A - Aᵀ) / 2
+    return 2 * layer.block_size * largest * _generator_factor(layer)
+
+
+def _generator_factor(layer: BoftLayer) -> float:
+    """``‖Q‖ / ‖A - Aᵀ‖``: PEFT/kohya BOFT's ``S = (A - Aᵀ) / 2``, OneTrainer's scaled_oft."""
+    return (0.5 if layer.kind in ("peft-boft", "kohya-boft") else 1.0) * layer.q_scale
 
 
 def block_norm_bound(blocks: torch.Tensor) -> torch.Tensor:

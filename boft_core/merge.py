@@ -16,15 +16,16 @@ computed in float32 a column slice (or a kernel tile) at a time and rounded once
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 from . import fused
-from .butterfly import cayley
+from .butterfly import cayley, neumann
 from .fast import Butterfly
-from .formats import BoftError, BoftLayer
+from .formats import PACKED, TRANSPOSED, BoftError, BoftLayer
 
 MODES = ("lycoris", "linear", "orthogonal")
 
@@ -52,24 +53,67 @@ def kernel_merges(patch: Patch) -> bool:
 
 
 def generators(layer: BoftLayer, dtype=torch.float32, parts: int = 1) -> torch.Tensor:
-    """Skew-symmetric ``Q`` (m, nb, b, b) with ``R = (I + Q)(I - Q)^-1`` in ``layer.layout``.
+    """Skew-symmetric ``Q`` (m, nb, b, b) with ``R = rotation(Q)`` (:func:`rotate`) in ``layer.layout``.
 
-    LyCORIS BOFT: ``Q = A - Aᵀ``; diag-OFT applies ``Rᵀ = cayley(-Q)``; PEFT/kohya:
-    ``(I - S)(I + S)^-1`` with ``S = (A - Aᵀ)/2`` is ``cayley(-S)``. The LyCORIS constraint
-    rescales the whole tensor to Frobenius norm ``alpha * out_dim`` when it is larger.
+    LyCORIS BOFT: ``Q = A - Aᵀ``; diag-OFT, kohya and ComfyUI OFT apply ``Rᵀ = cayley(-Q)``;
+    PEFT/kohya BOFT: ``(I - S)(I + S)^-1`` with ``S = (A - Aᵀ)/2`` is ``cayley(-S)``; OFTv2
+    (``A`` the unpacked upper triangles): Neumann ``R(Q)``, or PEFT's exact ``(I - Q)(I + Q)^-1 =
+    cayley(-Q)``, after coft's per-block clamp. The ``.alpha`` constraint rescales the whole
+    tensor to Frobenius norm ``alpha * out_dim`` (``comfyui`` rule: ``alpha``) when it is larger.
     """
     a = layer.blocks.to(dtype)
     q = a - a.transpose(-1, -2)
-    if layer.kind == "lycoris-diag-oft":
+    if layer.q_scale != 1:
+        q = q * layer.q_scale
+    if layer.kind in TRANSPOSED or (layer.kind in PACKED and not layer.neumann):
         q = -q
     elif layer.kind in ("peft-boft", "kohya-boft"):
         q = q * -0.5
-    threshold = layer.alpha * layer.dim / parts
+    if layer.coft_norm > 0:  # PEFT's _project_batch: a block beyond the norm is scaled onto it
+        norm = torch.linalg.matrix_norm(q)[..., None, None]
+        q = torch.where(norm > layer.coft_norm, q * (layer.coft_norm / norm), q)
+    threshold = layer.alpha * (layer.dim / parts if layer.constraint == "lycoris" else 1.0)
     if threshold > 0:  # per part (layers stacked along the block axis), without a device sync
         split = q.unflatten(1, (parts, -1))
         norm = torch.linalg.vector_norm(split, dim=(0, 2, 3, 4)) + 1e-8
         q = (split * (threshold / norm).clamp(max=1.0).view(1, parts, 1, 1, 1)).flatten(1, 2)
     return q
+
+
+def rotate(q: torch.Tensor, layer: BoftLayer) -> torch.Tensor:
+    """The blocks ``R(q)``: Cayley ``(I + Q)(I - Q)^-1``, or for OFTv2 the layer's Neumann series."""
+    if layer.neumann:
+        return neumann(q, layer.neumann, layer.neumann_legacy)
+    return cayley(q)
+
+
+def rule_of(layer: BoftLayer) -> tuple:
+    """What besides the blocks' shape decides how a layer's rotations are computed."""
+    return (layer.kind, layer.alpha, layer.constraint, layer.neumann, layer.neumann_legacy, layer.coft_norm,
+            layer.q_scale)
+
+
+def fit(layer: BoftLayer, shape) -> BoftLayer:
+    """``layer`` for a target weight of ``shape``: OFTv2's shared block (block_share) repeated over
+    the weight's input features, and a kohya oft_v2 / OneTrainer conv's untransposed ``BD(R)``
+    (``W BD(R) = W BD(Rᵀ)ᵀ``; transposing ``A`` negates ``Q``, and ``R(-Q) = R(Q)ᵀ``). Other layers
+    are returned as they are. The copy's cache token derives from the original's."""
+    shape = tuple(shape)
+    changes, tags = {}, []
+    if layer.shared:
+        cols = math.prod(shape[1:]) if len(shape) >= 2 else 0
+        b = layer.block_size
+        if cols == 0 or cols % b:
+            raise BoftError(f"layer {layer.name}: its shared block (block_share) of size {b} does not divide "
+                            f"the weight's {cols} input features (weight shape {shape}).")
+        changes.update(blocks=layer.blocks.expand(1, cols // b, b, b), shared=False)
+        tags.append(f"x{cols // b}")
+    if layer.conv_untransposed and len(shape) > 2:
+        changes.update(blocks=changes.get("blocks", layer.blocks).transpose(-1, -2), conv_untransposed=False)
+        tags.append("conv")
+    if not changes:
+        return layer
+    return replace(layer, **changes, token=f"{layer.token}:{'/'.join(tags)}")
 
 
 @dataclass
@@ -105,7 +149,7 @@ class Patch:
 def prepare(layer: BoftLayer, strength: float = 1.0, mode: str = "lycoris",
             dtype=torch.float32) -> Patch:
     """Rotations and scale for ``layer`` at ``strength`` in ``mode`` (see the module docstring)."""
-    rotations, blend = _rotations(generators(layer, dtype), float(strength), mode)
+    rotations, blend = _rotations(generators(layer, dtype), float(strength), mode, layer)
     return _patch(layer, rotations, blend, float(strength), mode, dtype)
 
 
@@ -118,13 +162,13 @@ def prepare_many(layers: list[BoftLayer], strength: float = 1.0, mode: str = "ly
     strength = float(strength)
     groups: dict[tuple, list[int]] = {}
     for i, layer in enumerate(layers):
-        groups.setdefault((layer.kind, tuple(layer.blocks.shape), layer.alpha), []).append(i)
+        groups.setdefault((rule_of(layer), tuple(layer.blocks.shape)), []).append(i)
     patches: list[Patch | None] = [None] * len(layers)
     for members in groups.values():
         first = layers[members[0]]
         blocks = torch.cat([layers[i].blocks for i in members], dim=1).to(device)  # one copy
         stacked = replace(first, blocks=blocks, scale=None, bias=None)
-        rotations, blend = _rotations(generators(stacked, dtype, parts=len(members)), strength, mode)
+        rotations, blend = _rotations(generators(stacked, dtype, parts=len(members)), strength, mode, first)
         nb = first.blocks.shape[1]
         mine = [_patch(layers[i], rotations[:, j * nb:(j + 1) * nb], blend, strength, mode, dtype)
                 for j, i in enumerate(members)]
@@ -142,12 +186,13 @@ def prepare_many(layers: list[BoftLayer], strength: float = 1.0, mode: str = "ly
     return patches
 
 
-def _rotations(q: torch.Tensor, strength: float, mode: str) -> tuple[torch.Tensor, float | None]:
-    """The orthogonal blocks for generators ``q`` at ``strength`` in ``mode``, and the blend."""
+def _rotations(q: torch.Tensor, strength: float, mode: str, layer: BoftLayer) -> tuple[torch.Tensor, float | None]:
+    """The blocks for generators ``q`` at ``strength`` in ``mode`` (orthogonal: ``R(s Q)``, for a
+    Neumann-parameterised ``R`` too), and the blend."""
     check_mode(mode)
     if mode == "orthogonal":
-        return cayley(q * strength), None
-    rotations = cayley(q)
+        return rotate(q * strength, layer), None
+    rotations = rotate(q, layer)
     if mode == "linear":
         return rotations, strength
     if strength != 1:
@@ -255,7 +300,7 @@ def merge_weight(weight: torch.Tensor, layer: BoftLayer, strength: float = 1.0,
                  mode: str = "lycoris") -> torch.Tensor:
     """``W'`` for ``layer`` at ``strength`` in ``mode``; see :func:`prepare` and :func:`apply`."""
     dtype = torch.promote_types(weight.dtype, torch.float32)
-    return apply(prepare(layer, strength, mode, dtype=dtype), weight)
+    return apply(prepare(fit(layer, weight.shape), strength, mode, dtype=dtype), weight)
 
 
 def _in_dtype(patch: Patch, dtype) -> Patch:
@@ -380,4 +425,6 @@ def bypass_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 def check_weight(layer: BoftLayer, shape) -> None:
     """BoftError unless ``layer`` fits a weight of ``shape``; cheap, for validating before patching."""
+    if len(tuple(shape)) >= 2:
+        layer = fit(layer, shape)
     _check_fit(layer.name, layer.side, layer.dim, layer.scale, shape)
