@@ -7,17 +7,31 @@ import json
 import os
 import sys
 
-from .formats import BoftError, BoftFile, all_finite, trigger_words
+from .formats import (
+    CONSTRAINTS,
+    BoftError,
+    BoftFile,
+    all_finite,
+    constraint_rule,
+    target_name,
+    trigger_words,
+    with_constraint,
+)
 from .guard import check_merge, check_strength, load
-from .merge import MODES, apply, merge_bias, prepare
+from .merge import MODES, apply, fit, merge_bias, prepare
 
 DESCRIPTION = """\
 Inspect BOFT (Butterfly Orthogonal Fine-Tuning) adapter files, or merge one into a checkpoint.
 
-Reads LyCORIS BOFT and diag-OFT (<layer>.oft_blocks), PEFT BOFT (an adapter folder, or its
-adapter_model.safetensors with adapter_config.json beside it) and kohya sd-scripts
-networks.boft (lora_unet_/lora_te_ + boft_R/boft_s) files.
+Reads LyCORIS BOFT and diag-OFT (<layer>.oft_blocks), PEFT BOFT and OFT (an adapter folder, or
+its adapter_model.safetensors with adapter_config.json beside it), kohya sd-scripts networks.boft
+(lora_unet_/lora_te_ + boft_R/boft_s), networks.oft (oft_unet_ + oft_blocks) and networks.oft_v2
+(oft_R.weight), OneTrainer OFT_2 (oft_R.weight) and ComfyUI-trained OFT (diffusion_model. +
+oft_blocks) files.
 """
+
+CONSTRAINT_HELP = ("how an .alpha constraint is read: auto (ComfyUI-trained files by ComfyUI's rule "
+                   "|Q| <= alpha, others by LyCORIS/kohya's |Q| <= alpha*out_dim), lycoris, comfyui")
 
 MERGE_HELP = """\
 Merge ADAPTER into BASE and write every tensor of BASE (changed or not, in its own dtype) to OUT.
@@ -35,7 +49,7 @@ Strength modes:
 """
 
 PREFIXES = ("lycoris_", "lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "base_model_model_",
-            "unet_", "text_encoder_")
+            "unet_", "text_encoder_", "oft_unet_", "lora_transformer_", "transformer_", "diffusion_model_")
 
 
 def layer_stem(name: str) -> str:
@@ -50,8 +64,8 @@ def match_layers(adapter: BoftFile, keys: list[str]) -> dict[str, str]:
     """{adapter layer name: BASE weight key}; every layer matched exactly once, or BoftError."""
     weights = {k[: -len(".weight")].replace(".", "_"): k for k in keys if k.endswith(".weight")}
     matched = {}
-    for name in adapter.layers:
-        stem = layer_stem(name)
+    for name, layer in adapter.layers.items():
+        stem = layer_stem(target_name(layer))
         if stem in weights:
             matched[name] = weights[stem]
             continue
@@ -69,13 +83,14 @@ def match_layers(adapter: BoftFile, keys: list[str]) -> dict[str, str]:
 
 
 def cmd_inspect(args) -> int:
-    adapter = load(args.path)
+    adapter = with_constraint(load(args.path), args.constraint)
     info = describe(adapter)
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
     print(f"{adapter.path}")
     print(f"  format:      {info['format']}")
+    print(f"  constraint rule: {info['constraint_rule']}")
     print(f"  layers:      {info['layers']}")
     print(f"  dtype:       {info['dtype']}")
     print(f"  parameters:  {info['parameters']:,}")
@@ -86,10 +101,10 @@ def cmd_inspect(args) -> int:
         if key != "ss_tag_frequency":
             text = value if len(value) < 100 else value[:97] + "..."
             print(f"  meta {key}: {text}")
-    print("  layer  m  blocks  block_size  constraint  rescaled")
+    print("  layer  m  blocks  block_size  constraint  rescaled  rotation")
     for module in info["modules"]:
         print(f"  {module['name']}  {module['m']}  {module['block_num']}  {module['block_size']}  "
-              f"{module['constraint']:g}  {module['rescaled']}")
+              f"{module['constraint']:g}  {module['rescaled']}  {module['rotation']}")
     return 0
 
 
@@ -105,12 +120,16 @@ def describe(adapter: BoftFile) -> dict:
             "rescaled": layer.scale is not None,
             "side": layer.side,
             "dtype": str(layer.blocks.dtype).replace("torch.", ""),
+            "rotation": rotation_text(layer),
+            "constraint_rule": layer.constraint if layer.alpha > 0 else "none",
+            "rows": list(layer.rows) if layer.rows is not None else None,
         }
         for layer in adapter.layers.values()
     ]
     return {
         "path": adapter.path,
         "format": adapter.format,
+        "constraint_rule": constraint_rule(adapter),
         "layers": len(modules),
         "dtype": adapter.dtype,
         "parameters": adapter.parameter_count,
@@ -121,12 +140,23 @@ def describe(adapter: BoftFile) -> dict:
     }
 
 
+def rotation_text(layer) -> str:
+    """How a layer's blocks become rotations, in words: ``cayley``, ``neumann-5`` (``, PEFT<0.18
+    series``), plus ``coft``, ``shared block`` and ``scaled`` where they apply."""
+    text = f"neumann-{layer.neumann}" if layer.neumann else "cayley"
+    extras = [("PEFT<0.18 series", layer.neumann_legacy), (f"coft |Q|<={layer.coft_norm:.3g}", layer.coft_norm > 0),
+              ("shared block", layer.shared), ("scaled_oft", layer.q_scale != 1),
+              ("conv untransposed", layer.conv_untransposed)]
+    shown = [what for what, on in extras if on]
+    return text + (f" ({', '.join(shown)})" if shown else "")
+
+
 def cmd_merge(args) -> int:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     strength = check_strength(args.strength, "--strength")
-    adapter = load(args.adapter)
+    adapter = with_constraint(load(args.adapter), args.constraint)
     try:
         with safe_open(args.base, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -137,9 +167,16 @@ def cmd_merge(args) -> int:
     merged = {}
     for name, key in matched.items():  # every layer checked and merged before anything is written
         layer = adapter.layers[name]
-        check_merge(layer, strength, args.mode, tensors[key], adapter.path)
+        weight = merged.get(key, tensors[key])
+        target = weight if layer.rows is None else weight.narrow(0, *layer.rows)  # a part of a fused layer
+        layer = fit(layer, target.shape)
+        check_merge(layer, strength, args.mode, target, adapter.path)
         patch = prepare(layer, strength, args.mode)
-        merged[key] = apply(patch, tensors[key])
+        if layer.rows is None:
+            merged[key] = apply(patch, target)
+        else:
+            merged[key] = weight.clone() if key not in merged else weight
+            merged[key][layer.rows[0]:layer.rows[0] + layer.rows[1]] = apply(patch, target)
         bias_key = key[: -len("weight")] + "bias"
         if patch.bias is not None:
             merged[bias_key] = merge_bias(tensors.get(bias_key), patch, strength)
@@ -165,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Show a BOFT file's format, layers, metadata and trigger words.")
     p.add_argument("path", help="a .safetensors file or a PEFT adapter folder")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--constraint", choices=CONSTRAINTS, default="auto", help=CONSTRAINT_HELP)
     p.set_defaults(run=cmd_inspect)
     p = sub.add_parser("merge", help="merge an adapter into a checkpoint", description=MERGE_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="where to write the merged .safetensors")
     p.add_argument("--strength", type=float, default=1.0, help="adapter strength (default 1)")
     p.add_argument("--mode", choices=MODES, default="lycoris", help="strength mode (see above)")
+    p.add_argument("--constraint", choices=CONSTRAINTS, default="auto", help=CONSTRAINT_HELP)
     p.set_defaults(run=cmd_merge)
     return parser
 

@@ -27,7 +27,7 @@ TRIGGER_LIMIT = 10
 # Sections in the order a picture shows them (a model's forward order); others follow by name.
 SECTIONS = ("text encoder", "text encoder 2", "in", "down", "mid", "up", "out", "joint", "double", "single")
 
-_PREFIXES = ("base_model.model.", "lycoris_", "lora_unet_", "unet.", "model.diffusion_model.",
+_PREFIXES = ("base_model.model.", "lycoris_", "lora_unet_", "oft_unet_", "unet.", "model.diffusion_model.",
              "diffusion_model.", "transformer.", "lora_transformer_")
 _TE2 = re.compile(r"^(lora_te2_|text_encoder_2[._]|clip_g[._]|te2[._])")
 _TE = re.compile(r"^(lora_te1?_|text_encoders?[._]|text_model[._]|clip_l[._]|te1?[._]|encoder[._]layers[._])")

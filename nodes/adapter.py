@@ -18,16 +18,20 @@ CACHE = PatchCache()
 # rebuilt at every load on 0.28, and the low-VRAM path calls calculate_weight per forward.
 FINITE: set[tuple] = set()
 FINITE_LIMIT = 1 << 16
+# BoftLayer fields besides the tensors that decide its rotations (kohya/OneTrainer's conv and
+# block_share are resolved by merge.fit before an adapter is made)
+RULE_FIELDS = ("constraint", "neumann", "neumann_legacy", "coft_norm", "q_scale")
 
 
 class BOFTAdapter(WeightAdapterBase):
     """Exact BOFT merge for one layer.
 
-    ``weights = (blocks, scale, alpha, kind, mode, name, token)``: every tensor lives in
+    ``weights = (blocks, scale, alpha, kind, mode, name, token, rule)``: every tensor lives in
     ``weights`` so that hosts which rebuild adapters as ``type(v)(v.loaded_keys, weights)``
     keep working (their tensors may then be staging copies on the GPU, or cast to the module's
     dtype by bypass's ``inject``); alpha is a Python float and the token (``BoftLayer.token``)
-    a string, which they keep as they are. The token finds the layer's prepared rotation in
+    a string, and ``rule`` (:data:`RULE_FIELDS`, how the rotations are built) a tuple of Python
+    values, which they keep as they are. The token finds the layer's prepared rotation in
     :data:`CACHE` whatever adapter object asks.
     """
 
@@ -55,8 +59,9 @@ class BOFTAdapter(WeightAdapterBase):
 
     @classmethod
     def from_layer(cls, layer: BoftLayer, mode: str) -> BOFTAdapter:
+        rule = tuple(getattr(layer, f) for f in RULE_FIELDS)
         return cls(set(layer.keys), (layer.blocks, layer.scale, float(layer.alpha), layer.kind, mode,
-                                     layer.name, layer.token))
+                                     layer.name, layer.token, rule))
 
     @classmethod
     def load(cls, x, lora, alpha, dora_scale, loaded_keys=None):
@@ -85,8 +90,9 @@ class BOFTAdapter(WeightAdapterBase):
         return CACHE.entries(self.weights[6])
 
     def layer(self) -> BoftLayer:
-        blocks, scale, alpha, kind, _, name, token = self.weights
-        return BoftLayer(name=name, kind=kind, blocks=blocks, alpha=float(alpha), scale=scale, token=token)
+        blocks, scale, alpha, kind, _, name, token, rule = self.weights
+        return BoftLayer(name=name, kind=kind, blocks=blocks, alpha=float(alpha), scale=scale, token=token,
+                         **dict(zip(RULE_FIELDS, rule, strict=True)))
 
     def patch_for(self, strength: float, device, dtype):
         """The prepared rotation for this strength on ``device`` (from :data:`CACHE`)."""

@@ -19,11 +19,14 @@ def key_maps(model=None, clip=None) -> tuple[dict, dict]:
 def candidates(name: str):
     """Names ComfyUI's key maps may know this layer by, most specific first.
 
-    Adds what the core maps miss: PEFT ``base_model.model.`` and diffusers ``unet.`` names with the
-    new attention naming (``attn1.to_q``, ``to_out.0``), PEFT text-encoder names, and
+    Adds what the core maps miss: kohya OFT's ``oft_unet_`` names, PEFT ``base_model.model.`` and
+    diffusers ``unet.`` names with the new attention naming (``attn1.to_q``, ``to_out.0``), PEFT text-encoder names, and
     transformers-5 text-encoder names without ``text_model`` (``lora_te_encoder_layers_...``).
     """
     yield name
+    if name.startswith("oft_unet_"):  # kohya sd-scripts networks.oft: its lora_unet_ names, renamed
+        yield "lora_unet_" + name[len("oft_unet_"):]
+        return
     path = name
     for prefix in ("base_model.model.", "unet.", "transformer."):
         if path.startswith(prefix):

@@ -27,7 +27,8 @@ from ..boft_core import (
     read_header,
 )
 from ..boft_core.blocks import BlockWeights, parse_block_weights
-from ..boft_core.formats import resolve_path
+from ..boft_core.formats import CONSTRAINTS, constraint_rule, resolve_path, target_name, with_constraint
+from ..boft_core.merge import fit
 from ..boft_core.stats import TRIGGER_LIMIT, trigger_text
 from .adapter import BOFTAdapter, BOFTBiasAdapter
 from .keymap import guess_family, key_maps, resolve
@@ -43,6 +44,12 @@ MODE_TOOLTIP = (
     "Strength mode. lycoris (default) matches LyCORIS/kohya merges; linear matches LyCORIS's precise "
     "merge and A1111; orthogonal keeps every butterfly stage a rotation at any strength. All three "
     "agree at strength 1."
+)
+CONSTRAINT_TOOLTIP = (
+    "How a file's .alpha constraint is read. auto: ComfyUI-trained OFT files (diffusion_model. names, "
+    "alpha 1.0, no metadata) as ComfyUI's trainer clamps them (|Q| <= alpha), every other file as "
+    "LyCORIS/kohya do (|Q| <= alpha x out_dim). lycoris / comfyui force one rule. Files without "
+    ".alpha (PEFT, OFTv2) are not affected."
 )
 BLOCK_WEIGHTS_TOOLTIP = (
     "Strength per model block: a layer gets strength x its block's weight, in the chosen mode. Empty: every "
@@ -217,6 +224,18 @@ def _target(root, key) -> torch.Tensor:
     return comfy.utils.get_attr(root, key)
 
 
+def _rows_of(key, rows: tuple[int, int]):
+    """The key-map entry for ``rows`` (start, count) of the weight ``key`` points at (itself maybe
+    a row slice ``(name, (0, start, length))``)."""
+    start, count = rows
+    if isinstance(key, tuple):
+        name, (dim, offset, _length) = key[0], key[1]
+        if dim != 0:
+            raise BoftError(f"{name}: the key map slices dimension {dim}; a fused layer's parts need rows.")
+        return (name, (0, offset + start, count))
+    return (key, (0, start, count))
+
+
 def model_family(model) -> str:
     """The model's family for ``block_weights`` (``sd1``, ``sdxl``, ``flux``, ``sd3``, ``other``), from
     ComfyUI's detected model config (SSD-1B, Vega and KOALA are SDXL subclasses)."""
@@ -241,16 +260,19 @@ def plan_patches(boft_file: BoftFile, model, clip, mode: str, strength_model: fl
     strengths = {"model": {}, "clip": {}}
     missing = []
     for name, layer in boft_file.layers.items():
-        hit = resolve(name, unet_map, te_map)
+        hit = resolve(target_name(layer), unet_map, te_map)
         if hit is None:
             missing.append(name)
             continue
         where, key = hit
+        if layer.rows is not None:  # a part of a fused layer (kohya Flux): its rows of the target
+            key = _rows_of(key, layer.rows)
         strength = (strength_model if where == "model" else strength_clip) * (
             weights.weight(name) if weights is not None else 1.0)
         if strength == 0:
             continue  # block weight 0: the block stays as it is (as strength 0 does for the whole node)
         try:
+            layer = fit(layer, _target_shape(roots[where], key))
             check_weight(layer, _target_shape(roots[where], key))
             check_merge(layer, strength, mode, _target(roots[where], key))
         except BoftError as e:
@@ -281,7 +303,9 @@ def by_strength(patches: dict, strengths: dict) -> dict[float, dict]:
 
 
 def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, unique_id=None, block_weights="",
-               apply="auto"):
+               apply="auto", constraint="auto"):
+    if constraint not in CONSTRAINTS:
+        raise BoftError(f"unknown constraint rule {constraint!r}; expected one of {', '.join(CONSTRAINTS)}.")
     check_mode(mode)
     # NaN passes ComfyUI's min/max check (every comparison with it is false)
     strength_model = check_strength(strength_model, f"{boft_name}: strength_model")
@@ -292,7 +316,7 @@ def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, uniq
                                      "report": "BOFT: strength 0, nothing applied.", "apply": None})
         return model, clip, "BOFT: strength 0, nothing applied."
     path = folder_paths.get_full_path_or_raise("loras", boft_name)
-    boft_file = CACHE.get(path)
+    boft_file = with_constraint(CACHE.get(path), constraint)
     use_clip = clip if (clip is not None and strength_clip != 0) else None
     patches, strengths, missing = plan_patches(boft_file, model if strength_model != 0 else None, use_clip,
                                                mode, strength_model, strength_clip, weights)
@@ -316,7 +340,9 @@ def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, uniq
             _merge_patches(new_clip, patches["clip"], strengths["clip"], None)
     used = "/".join(sorted(set(how.values())))
     applied = sum(isinstance(p, BOFTAdapter) for group in patches.values() for p in group.values())
-    report = (f"BOFT {os.path.basename(boft_name)} ({boft_file.format}, {mode}, {used}): applied "
+    rule = constraint_rule(boft_file)
+    report = (f"BOFT {os.path.basename(boft_name)} ({boft_file.format}, {mode}, {used}"
+              f"{'' if rule == 'none' else f', constraint rule {rule}'}): applied "
               f"{applied} of {len(boft_file.layers)} layers")
     report += f" (model {sum(isinstance(p, BOFTAdapter) for p in patches['model'].values())}"
     report += f", clip {sum(isinstance(p, BOFTAdapter) for p in patches['clip'].values())})."
@@ -335,7 +361,7 @@ def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, uniq
         log.info(report)
     LAST_RUNS.record(unique_id, {"boft_name": boft_name, "applied": applied, "total": len(boft_file.layers),
                                  "not_applied": missing, "report": report, "apply": used,
-                                 "apply_asked": apply})
+                                 "apply_asked": apply, "constraint_rule": rule})
     return new_model, new_clip, report
 
 
@@ -356,14 +382,16 @@ def _inputs(with_clip: bool) -> dict:
     if with_clip:
         required["clip"] = ("CLIP", {"tooltip": "The text encoder the BOFT's text-encoder layers are applied to."})
     required["boft_name"] = (folder_paths.get_filename_list("loras"), {
-        "tooltip": "The BOFT file, from the loras folder (LyCORIS BOFT/diag-OFT, kohya networks.boft, "
-                   "or a PEFT adapter folder through its adapter_model.safetensors)."})
+        "tooltip": "The BOFT/OFT file, from the loras folder (LyCORIS BOFT/diag-OFT, kohya networks.boft/oft/"
+                   "oft_v2, OneTrainer OFT_2, ComfyUI-trained OFT, or a PEFT BOFT/OFT adapter folder "
+                   "through its adapter_model.safetensors)."})
     required["strength_model"] = ("FLOAT", strength)
     if with_clip:
         required["strength_clip"] = ("FLOAT", dict(strength))
     required["mode"] = (list(MODES), {"default": "lycoris", "tooltip": MODE_TOOLTIP})
     optional = {"block_weights": ("STRING", {"default": "", "multiline": False, "tooltip": BLOCK_WEIGHTS_TOOLTIP}),
-                "apply": (list(APPLY), {"default": "auto", "tooltip": APPLY_TOOLTIP})}
+                "apply": (list(APPLY), {"default": "auto", "tooltip": APPLY_TOOLTIP}),
+                "constraint": (list(CONSTRAINTS), {"default": "auto", "tooltip": CONSTRAINT_TOOLTIP})}
     return {"required": required, "optional": optional, "hidden": {"unique_id": "UNIQUE_ID"}}
 
 
@@ -402,9 +430,9 @@ class BOFTLoader(_Loader):
     DESCRIPTION = "Apply a BOFT (butterfly orthogonal fine-tuning) adapter to a model and its text encoder."
 
     def load_boft(self, model, clip, boft_name, strength_model, strength_clip, mode="lycoris", unique_id=None,
-                  block_weights="", apply="auto"):
+                  block_weights="", apply="auto", constraint="auto"):
         new_model, new_clip, report = apply_boft(model, clip, boft_name, strength_model, strength_clip,
-                                                 mode, unique_id, block_weights, apply)
+                                                 mode, unique_id, block_weights, apply, constraint)
         return {"ui": {"boft_report": [report]}, "result": (new_model, new_clip, trigger_words_of(boft_name))}
 
 
@@ -419,7 +447,7 @@ class BOFTLoaderModelOnly(_Loader):
     DESCRIPTION = "Apply a BOFT (butterfly orthogonal fine-tuning) adapter to a diffusion model."
 
     def load_boft(self, model, boft_name, strength_model, mode="lycoris", unique_id=None, block_weights="",
-                  apply="auto"):
+                  apply="auto", constraint="auto"):
         new_model, _, report = apply_boft(model, None, boft_name, strength_model, 0.0, mode, unique_id,
-                                          block_weights, apply)
+                                          block_weights, apply, constraint)
         return {"ui": {"boft_report": [report]}, "result": (new_model, trigger_words_of(boft_name))}

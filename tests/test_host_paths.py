@@ -185,7 +185,7 @@ def test_dynamic_vram_staging_rebuilds_reuse_the_prepared_rotation(comfy, pack, 
         staging = torch.empty(fn.memory_required(), dtype=torch.uint8)
         rebuilt = fn.prepare(staging, None, copy=True, commit=True)[0][1]
         assert type(rebuilt) is type(adapter) and rebuilt is not adapter
-        blocks, scale, alpha, kind, mode, name, token = rebuilt.weights
+        blocks, scale, alpha, kind, mode, name, token, rule = rebuilt.weights
         assert blocks.untyped_storage().data_ptr() == staging.untyped_storage().data_ptr()  # a staging copy
         assert torch.equal(blocks, layer.blocks) and isinstance(alpha, float) and token == adapter.weights[6]
         assert_within_one_ulp(fn(weight.clone()), want)

@@ -124,6 +124,7 @@ function render(root, state, large, setBlockWeights) {
     row("Block size", "block-sizes", counts(info.block_sizes)),
     row("Depth", "depths", counts(info.depths)),
     row("Constraint", "constraints", counts(info.constraints, (v) => (v ? String(Number(v.toPrecision(3))) : "none"))),
+    row("Constraint rule", "constraint-rule", lastRun?.constraint_rule ?? info.constraint_rule),
     row("Rescaled", "rescaled", `${info.rescaled} of ${info.layers}`),
     el("div", { class: "boft-row" }, el("span", { class: "boft-key" }, "File"),
        el("span", { class: "boft-value" }, el("span", { dataset: { field: "dtype" } }, info.dtype), " · ",
