@@ -380,7 +380,8 @@ def test_inspect_lists_the_new_formats(tmp_path):
     comfy_path = str(tmp_path / "comfy.safetensors")
     comfyui_file(comfy_path)
     runs = {}
-    for what, args in (("peft", [folder]), ("comfy", [comfy_path]), ("forced", [comfy_path, "--constraint", "lycoris"])):
+    cases = (("peft", [folder]), ("comfy", [comfy_path]), ("forced", [comfy_path, "--constraint", "lycoris"]))
+    for what, args in cases:
         done = subprocess.run([sys.executable, "-m", "boft_core", "inspect", "--json", *args],
                               capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
