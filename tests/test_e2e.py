@@ -90,10 +90,12 @@ def write_sdxl_zero_conditioning(folder):
 
 
 # ------------------------------------------------------------------------------------ workflows
-def boft(name, strength, *, node_id="boft", mode="lycoris"):
+def boft(name, strength, *, node_id="boft", mode="lycoris", constraint=None):
     def patch(model_ref):
         node = {"class_type": "BOFTLoaderModelOnly", "inputs": {
             "model": model_ref, "boft_name": name, "strength_model": strength, "mode": mode}}
+        if constraint is not None:
+            node["inputs"]["constraint"] = constraint
         return {node_id: node}, [node_id, 0]
     return patch
 
@@ -564,3 +566,68 @@ def test_flux_diffusers_names_patch_row_slices_of_fused_qkv(comfy, pack, loras, 
             else:
                 assert torch.equal(new, old), f"{key} rows {part} changed"
         assert torch.equal(got[key.replace("weight", "bias")], bias[key])
+
+
+# ------------------------------------------------------------------------ the OFT family (issue 11)
+def test_peft_oftv2_equals_peft_merged_checkpoint(server, sd15, loras, comfy, tmp_path):
+    """A PEFT >= 0.16 OFTv2 folder (oft_R, Cayley-Neumann; attention Linears and the 1x1 Conv2d
+    proj_in, diffusers names) through BOFTLoaderModelOnly == PEFT's own merge_and_unload."""
+    from peft import OFTConfig, get_peft_model
+
+    config = OFTConfig(oft_block_size=8, r=0, target_modules=["to_q", "to_v", "to_out.0", "ff.net.2", "proj_in"])
+    peft_model = get_peft_model(copy.deepcopy(sd15.unet).float(), config)
+    oracles.randomize(peft_model, ("oft_R.default.weight",), 11, std=0.1)
+    saved = tmp_path / "peft_oft"
+    peft_model.save_pretrained(str(saved))
+    merged = oracles.peft_merged(peft_model)
+    to_ldm = comfy.utils.unet_to_diffusers(sd15.model.model.model_config.unet_config)
+    to_diffusers = {v[: -len(".weight")]: k[: -len(".weight")] for k, v in to_ldm.items() if k.endswith(".weight")}
+    renamed = {}
+    for key, value in load_file(str(saved / "adapter_model.safetensors")).items():
+        path, suffix = key[len("base_model.model."):].split(".oft_R.")
+        renamed[f"base_model.model.{to_diffusers[path]}.oft_R.{suffix}"] = value
+    assert any(".attn1.to_q.oft_R.weight" in k for k in renamed) and any("proj_in.oft_R" in k for k in renamed)
+    folder = loras / "e2e_peft_oft"
+    folder.mkdir()
+    save_file(renamed, str(folder / "adapter_model.safetensors"), {"format": "pt"})
+    (folder / "adapter_config.json").write_text((saved / "adapter_config.json").read_text())
+
+    ckpt = "e2e_peft_oft_merged.safetensors"
+    replaced = changed(sd15.unet_sd, {k: v for k, v in merged.items() if k in sd15.unet_sd}, UNET_PREFIX)
+    assert len(replaced) == len(renamed)
+    write_checkpoint(sd15.path, server.models / "checkpoints" / ckpt, replaced)
+    got, history = run_image(server, tiny_models.sd15_workflow(
+        CKPT, seed=SEED, patch_model=boft("e2e_peft_oft/adapter_model.safetensors", 1.0)))
+    assert_same(got, render(server, ckpt), "PEFT OFTv2")
+    assert_changed(got, render(server, CKPT), "PEFT OFTv2")
+
+
+def test_comfyui_trained_oft_constraint_rule(server, sd15, loras, tmp_path):
+    """A ComfyUI-trained OFT file (diffusion_model.<path>.oft_blocks + alpha 1.0, no metadata):
+    constraint auto == a checkpoint merged by a float64 reference of ComfyUI's rule (‖Q‖ <= alpha);
+    constraint lycoris (‖Q‖ <= alpha·out_dim) gives another picture."""
+    from test_oft import clamp, exact_cayley, output_side_transposed
+
+    g = torch.Generator().manual_seed(12)
+    targets = [k[: -len(".weight")] for k in sd15.unet_sd
+               if k.endswith((".attn1.to_q.weight", ".attn2.to_out.0.weight", ".ff.net.2.weight"))]
+    tensors, replaced = {}, {}
+    for path in targets:
+        w = sd15.unet_sd[f"{path}.weight"]
+        blocks = torch.randn(w.shape[0] // 16, 16, 16, generator=g) * 0.3
+        tensors[f"diffusion_model.{path}.oft_blocks"] = blocks
+        tensors[f"diffusion_model.{path}.alpha"] = torch.tensor(1.0)
+        q = blocks.double() - blocks.double().transpose(1, 2)
+        assert q.norm() > 1  # the rules differ
+        replaced[f"{UNET_PREFIX}{path}.weight"] = output_side_transposed(w, exact_cayley(clamp(q, 1.0))).float()
+    name = "e2e_comfyui_oft.safetensors"
+    save_file(tensors, str(loras / name))
+    ckpt = "e2e_comfyui_oft_merged.safetensors"
+    write_checkpoint(sd15.path, server.models / "checkpoints" / ckpt, replaced)
+    got, history = run_image(server, tiny_models.sd15_workflow(CKPT, seed=SEED, patch_model=boft(name, 1.0)))
+    assert_same(got, render(server, ckpt), "ComfyUI-trained OFT, constraint auto")
+    assert_changed(got, render(server, CKPT), "ComfyUI-trained OFT")
+    report = json.dumps(history)
+    assert "comfyui-oft" in report and "constraint rule comfyui" in report
+    forced = render(server, CKPT, patch_model=boft(name, 1.0, constraint="lycoris"))
+    assert_changed(forced, got, "constraint lycoris vs comfyui")

@@ -1,8 +1,10 @@
 """Fuzzing every format the pack reads: no crash, no hang, no non-finite merge (issue 12).
 
 Seeds: a small valid file of each format (LyCORIS BOFT with alpha and rescale, LyCORIS diag-OFT,
-a PEFT adapter folder with ``adapter_config.json`` and a trained bias, kohya ``networks.boft``),
-each with kohya training metadata. Each case applies one to three mutations, drawn from a
+a PEFT adapter folder with ``adapter_config.json`` and a trained bias, kohya ``networks.boft``; PEFT
+OFTv2 with coft and the pre-0.18 series, kohya ``networks.oft_v2`` with coft, OneTrainer OFT_2 with
+``scaled_oft`` and a shared block, kohya ``networks.oft`` with Flux-style parts, ComfyUI-trained
+OFT), most with kohya training metadata. Each case applies one to three mutations, drawn from a
 generator seeded by the case number: byte flips (mostly in the header), truncation, appended
 bytes, header edits (dtype, shape, data_offsets, entries, keys, the whole header; numbers,
 strings, NaN, huge integers, deep nesting), tensor edits (dtype, shape, values from 3e38 to NaN,
@@ -59,14 +61,22 @@ CONFIGS = [  # adapter_config.json contents
     b"\xff\xfe{", b'{"a":' * 5000, b'{"r": ' + b"9" * 5000 + b"}", b'{"r": NaN}', b'{"r": 1e999}',
     b'{"peft_type": "LORA"}', b'{"peft_type": 5}', b'{"peft_type": {"a": [1]}}', b'\xef\xbb\xbf{"peft_type": "BOFT"}',
     b'{"peft_type": "\\ud800"}', b"null", b'{"peft_type": "boft", "target_modules": ["proj"]}',
+    b'{"peft_type": "OFT", "oft_block_size": 4, "r": 0, "use_cayley_neumann": true, "num_cayley_neumann_terms": 5, '
+    b'"block_share": false, "coft": true, "eps": 0.1, "peft_version": "0.17.0"}',
+    b'{"peft_type": "OFT", "oft_block_size": 4, "r": 0, "use_cayley_neumann": false, "block_share": false, '
+    b'"coft": false, "peft_version": "0.21.2"}',
+    b'{"peft_type": "OFT", "use_cayley_neumann": true, "num_cayley_neumann_terms": 99, "peft_version": "x"}',
+    b'{"peft_type": "OFT", "oft_block_size": 4, "r": 0, "use_cayley_neumann": true, "num_cayley_neumann_terms": 5, '
+    b'"block_share": true, "coft": false, "peft_version": "0.13.0"}',
 ]
+OFT_CONFIG = CONFIGS[-4]
 VALUES = [3e38, -3e38, 1e38, 1e30, 1e20, 1e10, 65504.0, 1e5, float("inf"), float("-inf"), float("nan"), 1e-45,
           0.0, -0.0, 1.0, -1.0]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2,
           torch.int8, torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64]
 STRENGTHS = [1.0, 0.0, 0.5, -1.0, 2.0, 10.0, -10.0, 1e3, 1e30, -1e30, 1e300, 5e-324, float("nan"), float("inf")]
 SUFFIXES = [".oft_blocks", ".alpha", ".rescale", ".boft_R", ".boft_s", ".base_layer.bias", ".lora_up.weight",
-            ".hada_w1_a", ".oft_r", ""]
+            ".hada_w1_a", ".oft_r", "", ".oft_R.weight", ".oft_R.scaled_oft", ".oft_blocks.0", ".oft_blocks.3"]
 
 
 # ------------------------------------------------------------------------------------- seeds
@@ -85,9 +95,25 @@ def _seeds() -> dict:
             "base_model.model.a.base_layer.bias": r(12), "base_model.model.b.boft_R": r(1, 2, 4, 4),
             "base_model.model.b.boft_s": 1 + r(1, 8, std=0.05)}
     kohya = {"lora_unet_a.boft_R": r(1, 4, 4, 4), "lora_unet_a.boft_s": 1 + r(12, 1, std=0.05)}
+    peft_oft = {"base_model.model.a.oft_R.weight": r(4, 6), "base_model.model.a.base_layer.bias": r(12),
+                "base_model.model.b.oft_R.weight": r(2, 28)}
+    oft_v2 = {"lora_unet_a.oft_R.weight": r(4, 6), "lora_unet_b.oft_R.weight": r(1, 6)}
+    onetrainer = {"diffusion_model.a.oft_R.weight": r(2, 28), "diffusion_model.a.oft_R.scaled_oft": torch.tensor(1.0),
+                  "diffusion_model.b.oft_R.weight": r(1, 6)}
+    kohya_oft = {"oft_unet_a.oft_blocks": r(4, 4, 4), "oft_unet_a.alpha": torch.tensor(0.01),
+                 "oft_unet_c.oft_blocks.0": r(2, 4, 4), "oft_unet_c.oft_blocks.1": r(2, 4, 4),
+                 "oft_unet_c.alpha": torch.tensor(0.01)}
+    comfyui = {"diffusion_model.c.oft_blocks": r(4, 4, 4), "diffusion_model.c.alpha": torch.tensor(1.0),
+               "diffusion_model.a.oft_blocks": r(2, 8, 8), "diffusion_model.a.alpha": torch.tensor(1.0)}
+    v2_meta = dict(meta, ss_network_module="networks.oft_v2",
+                   ss_network_args=json.dumps({"coft": "True", "coft_eps": "0.1"}))
     return {"lycoris-boft": (lycoris, meta, None), "lycoris-diag-oft": (diag, meta, None),
             "peft-boft": (peft, {}, CONFIGS[0]),
-            "kohya-boft": (kohya, dict(meta, ss_network_module="networks.boft"), None)}
+            "kohya-boft": (kohya, dict(meta, ss_network_module="networks.boft"), None),
+            "peft-oft": (peft_oft, {}, OFT_CONFIG), "kohya-oft-v2": (oft_v2, v2_meta, None),
+            "onetrainer-oft": (onetrainer, {}, None),
+            "kohya-oft": (kohya_oft, dict(meta, ss_network_module="networks.oft"), None),
+            "comfyui-oft": (comfyui, {}, None)}
 
 
 SEEDS = _seeds()
@@ -188,7 +214,10 @@ def mutate_tensors(tensors: dict, metadata: dict, rng: random.Random, values_onl
     else:  # metadata
         metadata["ss_tag_frequency"] = rng.choice(TAG_TEXTS)
         if rng.random() < 0.3:
-            metadata["ss_network_module"] = rng.choice(["networks.boft", "networks.oft", "x"])
+            metadata["ss_network_module"] = rng.choice(["networks.boft", "networks.oft", "networks.oft_v2", "x"])
+            if rng.random() < 0.5:
+                metadata["ss_network_args"] = rng.choice(['{"coft": "True"}', '{"coft": "1", "coft_eps": "-1"}',
+                                                          '{"coft": "True", "coft_eps": "nan"}', "[", "5"])
 
 
 def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
@@ -231,7 +260,7 @@ def make_case(index: int, folder) -> tuple[str, str, list[str]]:
             data = mutate_bytes(data, rng)
         elif step == "config":
             config = rng.choice(CONFIGS) if rng.random() < 0.8 else mutate_bytes(config, rng)
-    if fmt == "peft-boft":
+    if fmt in ("peft-boft", "peft-oft"):
         target = os.path.join(folder, "peft")
         os.makedirs(target, exist_ok=True)
         cfg = os.path.join(target, "adapter_config.json")

@@ -61,8 +61,8 @@ def input_side(w, r, untransposed=False):
 
 def output_side_transposed(w, r):
     """W'_k = R_kᵀ W_k for contiguous output-channel blocks k (kohya OFT, ComfyUI OFT, diag-OFT)."""
-    flat = w.double().reshape(w.shape[0], -1)
-    return (block_diag(r).t() @ flat).reshape(w.shape)
+    blocks = w.double().reshape(r.shape[0], r.shape[-1], -1)  # (k, b, rest): output channel k*b + row
+    return torch.einsum("kba,kbi->kai", r.double(), blocks).reshape(w.shape)
 
 
 def clamp(q, threshold):
@@ -390,3 +390,39 @@ def test_inspect_lists_the_new_formats(tmp_path):
     assert runs["peft"]["modules"][0]["rotation"].startswith("neumann-5 (PEFT<0.18 series, coft")
     assert runs["comfy"]["format"] == "comfyui-oft" and runs["comfy"]["constraint_rule"] == "comfyui"
     assert runs["forced"]["constraint_rule"] == "lycoris"
+
+
+def test_kohya_flux_oft_parts_patch_row_slices_through_the_loader(comfy, pack, loras_dir, tmp_path):
+    """kohya's Flux OFT (oft_unet_double_blocks_0_img_attn_qkv.oft_blocks.0..2 + .alpha) through
+    BOFTLoaderModelOnly on a real (tiny) Flux: each part rotates its 3072 rows of ComfyUI's fused
+    qkv, as the float64 reference of kohya's math says; the other weights stay bit-identical."""
+    import tiny_models
+
+    path = tiny_models.make_flux_checkpoint(tmp_path / "flux.safetensors", verify=False)
+    patcher = comfy.sd.load_diffusion_model(str(path))
+    key = "double_blocks.0.img_attn.qkv.weight"
+    base = patcher.model.diffusion_model.state_dict()[key].detach().float().clone()
+    g = torch.Generator().manual_seed(21)
+    alpha = torch.tensor(1e-3)
+    tensors = {f"oft_unet_double_blocks_0_img_attn_qkv.oft_blocks.{i}": torch.randn(256, 12, 12, generator=g) * 0.05
+               for i in range(3)}
+    tensors["oft_unet_double_blocks_0_img_attn_qkv.alpha"] = alpha
+    name = "kohya_flux_oft.safetensors"
+    save_file(tensors, str(loras_dir / name), {"ss_network_module": "networks.oft"})
+    node = pack.NODE_CLASS_MAPPINGS["BOFTLoaderModelOnly"]()
+    out = node.load_boft(patcher, name, 1.0, "lycoris")
+    assert "(kohya-oft, lycoris, constraint rule lycoris): applied 3 of 3" in out["ui"]["boft_report"][0]
+    patched = out["result"][0]
+    assert set(patched.patches) == {"diffusion_model." + key}
+    comfy.model_management.load_models_gpu([patched])  # a full load, as on --cpu
+    try:
+        got = patched.model.diffusion_model.state_dict()[key].detach().float().clone()
+    finally:
+        patched.unpatch_model(patched.offload_device)
+        comfy.model_management.unload_all_models()
+    for i in range(3):
+        rows = slice(3072 * i, 3072 * (i + 1))
+        blocks = tensors[f"oft_unet_double_blocks_0_img_attn_qkv.oft_blocks.{i}"].double()
+        q = clamp(blocks - blocks.transpose(1, 2), alpha.double().item() * 3072)
+        want = output_side_transposed(base[rows], exact_cayley(q))
+        assert rel(got[rows], want, base[rows]) < 1e-5, i
