@@ -61,20 +61,22 @@ def test_lycoris_lora_and_loha_files_are_refused(tmp_path):
         assert_clean_failure(cli("inspect", path), path, what, "not a BOFT")
 
 
-def test_peft_oft_folder_is_refused(tmp_path):
+def test_peft_oft_folder_is_read_and_needs_its_config(tmp_path):
     from peft import OFTConfig, get_peft_model
 
     model = get_peft_model(oracles.Toy(), OFTConfig(r=0, oft_block_size=4, target_modules=["proj"]))
     model.save_pretrained(str(tmp_path / "oft"))
-    assert_clean_failure(cli("inspect", str(tmp_path / "oft")), "peft_type 'OFT'")
-    os.remove(tmp_path / "oft" / "adapter_config.json")  # the keys alone say it too
-    assert_clean_failure(cli("inspect", str(tmp_path / "oft")), "PEFT OFT")
+    done = cli("inspect", str(tmp_path / "oft"))
+    assert done.returncode == 0 and "peft-oft" in done.stdout, done.stderr
+    os.remove(tmp_path / "oft" / "adapter_config.json")  # the config says how to build the rotations
+    assert_clean_failure(cli("inspect", str(tmp_path / "oft")), "PEFT OFT", "adapter_config.json")
 
 
-def test_kohya_oft_is_refused(tmp_path):
+def test_kohya_oft_is_read(tmp_path):
     path = str(tmp_path / "koft.safetensors")
     save_file({"oft_unet_proj.oft_blocks": torch.randn(8, 8, 8), "oft_unet_proj.alpha": torch.tensor(1.0)}, path)
-    assert_clean_failure(cli("inspect", path), "kohya", "networks.oft")
+    done = cli("inspect", path)
+    assert done.returncode == 0 and "kohya-oft" in done.stdout, done.stderr
 
 
 def test_not_safetensors_truncated_and_corrupt(tmp_path, boft_file):
