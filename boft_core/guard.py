@@ -59,6 +59,12 @@ def check_rotations(layer: BoftLayer, where: str = "") -> None:
     """BoftError unless ``layer``'s butterfly at strength 1 is a product of rotations as computed
     (finite, every stage of norm about 1)."""
     norms = stage_norms(layer, 1.0, "lycoris", where)
+    if max(norms) > ROTATION_TOLERANCE and layer.neumann:
+        raise BoftError(
+            f"{_prefix(where)}layer {layer.name}: its blocks (largest |value| {_largest(layer.blocks):.3g}) "
+            f"are too large for a {layer.neumann}-term Cayley-Neumann series: it gives blocks of norm up to "
+            f"{max(norms):.3g}, far from a rotation (norm 1). The file is broken."
+        )
     if max(norms) > ROTATION_TOLERANCE:
         raise BoftError(
             f"{_prefix(where)}layer {layer.name}: its blocks (largest |value| "

@@ -367,6 +367,13 @@ def test_bad_oftv2_input_names_file_key_and_shapes(tmp_path):
     shared = boft_core.load(path).layers["diffusion_model.proj"]
     with pytest.raises(boft_core.BoftError, match=r"shared block.*size 5 does not divide the weight's 32 input"):
         boft_core.merge_weight(torch.randn(64, 32), shared)
+    # blocks far too large for the Neumann series to be near a rotation
+    big = str(tmp_path / "big.safetensors")
+    noise = torch.randn(4, 28, generator=torch.Generator().manual_seed(3))
+    save_file({"diffusion_model.proj.oft_R.weight": noise}, big)
+    with pytest.raises(boft_core.BoftError, match=r"big.safetensors: layer diffusion_model.proj: .*too large for a "
+                                                  r"5-term Cayley-Neumann series"):
+        boft_core.load(big)
     # a PEFT OFT file without its config
     os.remove(os.path.join(folder, "adapter_config.json"))
     with pytest.raises(boft_core.BoftError, match="without its adapter_config.json"):
