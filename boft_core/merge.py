@@ -25,8 +25,7 @@ from . import fused
 from .butterfly import cayley
 from .fast import Butterfly
 from .formats import BoftError, BoftLayer
-
-MODES = ("lycoris", "linear", "orthogonal")
+from .modes import MODES
 
 
 def check_mode(mode: str) -> str:
