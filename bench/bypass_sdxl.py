@@ -26,7 +26,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import bench as harness  # noqa: E402  (the merge benchmark's host loader and SDXL workload)
+import harness  # noqa: E402  (bench/harness.py: the host loader and SDXL workload)
 
 
 def adapters_for(comfy, layers, seed=0):

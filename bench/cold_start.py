@@ -49,7 +49,7 @@ def main(argv=None) -> None:
         if prepare:
             type(adapters[0]).prepare_all(adapters, 1.0, device)
         for layer, adapter, temp in zip(layers, adapters, temps, strict=True):
-            comfy.lora.calculate_weight([(1.0, adapter, 1.0, None, None)], temp, layer.key)
+            comfy.calculate(adapter, temp, layer.key)
         bench.Clock(device).sync()
         return (time.perf_counter() - start) * 1e3
 
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
         bench.make_adapters(comfy, layer, device, torch.float16, 0)
         for name in ("core", "node"):
             temp = layer.weight.to(comfy.work_dtype, copy=True)
-            comfy.lora.calculate_weight([(1.0, layer.contenders[name], 1.0, None, None)], temp, layer.key)
+            comfy.calculate(layer.contenders[name], temp, layer.key)
     print(f"{len(layers)} layers on {bench.machine(device)}, ComfyUI {comfy.version}, "
           f"working copies {comfy.work_dtype}")
     print(f"core: {run(fresh('core')):.0f} ms", flush=True)

@@ -1,4 +1,8 @@
-"""``python -m boft_core``: inspect a BOFT file, or merge it into a plain checkpoint."""
+"""``python -m boft_core``: inspect a BOFT file, or merge it into a plain checkpoint.
+
+Torch loads only once a command runs (``--help`` and argument errors answer without it): the
+modules that need it are imported inside the commands.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,7 @@ import json
 import os
 import sys
 
-from .formats import (
-    CONSTRAINTS,
-    BoftError,
-    BoftFile,
-    all_finite,
-    constraint_rule,
-    target_name,
-    trigger_words,
-    with_constraint,
-)
-from .guard import check_merge, check_strength, load
-from .merge import MODES, apply, fit, merge_bias, prepare
+from .modes import CONSTRAINTS, MODES
 
 DESCRIPTION = """\
 Inspect BOFT (Butterfly Orthogonal Fine-Tuning) adapter files, or merge one into a checkpoint.
@@ -60,8 +53,10 @@ def layer_stem(name: str) -> str:
     return stem
 
 
-def match_layers(adapter: BoftFile, keys: list[str]) -> dict[str, str]:
+def match_layers(adapter, keys: list[str]) -> dict[str, str]:
     """{adapter layer name: BASE weight key}; every layer matched exactly once, or BoftError."""
+    from .formats import BoftError, target_name
+
     weights = {k[: -len(".weight")].replace(".", "_"): k for k in keys if k.endswith(".weight")}
     matched = {}
     for name, layer in adapter.layers.items():
@@ -83,6 +78,9 @@ def match_layers(adapter: BoftFile, keys: list[str]) -> dict[str, str]:
 
 
 def cmd_inspect(args) -> int:
+    from .formats import with_constraint
+    from .guard import load
+
     adapter = with_constraint(load(args.path), args.constraint)
     info = describe(adapter)
     if args.json:
@@ -108,8 +106,10 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def describe(adapter: BoftFile) -> dict:
-    """A JSON-ready summary of the file: format, layers, metadata, trigger words."""
+def describe(adapter) -> dict:
+    """A JSON-ready summary of a ``BoftFile``: format, layers, metadata, trigger words."""
+    from .formats import constraint_rule, trigger_words
+
     modules = [
         {
             "name": layer.name,
@@ -152,18 +152,25 @@ def rotation_text(layer) -> str:
 
 
 def cmd_merge(args) -> int:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    from .formats import BoftError, all_finite, map_tensors, with_constraint, write_tensors
+    from .guard import check_merge, check_strength, load
+    from .merge import apply, fit, merge_bias, prepare, try_merge_into
 
     strength = check_strength(args.strength, "--strength")
+    _set_threads(args.threads)
     adapter = with_constraint(load(args.adapter), args.constraint)
+    # BASE mapped copy-on-write: only the matched weights are read before writing, and they are
+    # merged in place (float16/bfloat16 computed in float32 a slice at a time, rounded once)
     try:
-        with safe_open(args.base, framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as e:  # safetensors' own error types; the user needs the file name
-        raise BoftError(f"{args.base}: cannot read the base checkpoint: {e}") from None
+        mapped = map_tensors(args.base)
+    except BoftError as e:
+        raise BoftError(f"cannot read the base checkpoint: {e}") from None
+    if mapped is not None:
+        tensors, metadata = mapped
+    else:  # a dtype torch lacks: safetensors reads it
+        tensors, metadata = _read_all(args.base)
     matched = match_layers(adapter, list(tensors))
+    shared = {key for key in matched.values() if list(matched.values()).count(key) > 1}
     merged = {}
     for name, key in matched.items():  # every layer checked and merged before anything is written
         layer = adapter.layers[name]
@@ -173,8 +180,9 @@ def cmd_merge(args) -> int:
         check_merge(layer, strength, args.mode, target, adapter.path)
         patch = prepare(layer, strength, args.mode)
         if layer.rows is None:
-            merged[key] = apply(patch, target)
-        else:
+            in_place = mapped is not None and key not in shared and try_merge_into(patch, target)
+            merged[key] = target if in_place else apply(patch, target)
+        else:  # a part of a fused layer: its rows of a copy of the whole weight
             merged[key] = weight.clone() if key not in merged else weight
             merged[key][layer.rows[0]:layer.rows[0] + layer.rows[1]] = apply(patch, target)
         bias_key = key[: -len("weight")] + "bias"
@@ -186,12 +194,46 @@ def cmd_merge(args) -> int:
                                 f"the merged {out_key} is not finite; nothing was written.")
     tensors.update(merged)
     try:
-        save_file(tensors, args.out, metadata)
+        if mapped is not None:
+            write_tensors(args.out, tensors, metadata)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(tensors, args.out, metadata)
     except OSError as e:
         raise BoftError(f"{args.out}: cannot write: {e}") from None
     print(f"merged {len(matched)} {adapter.format} layers at strength {strength:g} "
           f"({args.mode}) into {args.out}")
     return 0
+
+
+def _set_threads(threads: int | None) -> None:
+    """torch's CPU threads for the merge: ``threads``, else torch's own choice less the cores that
+    other work keeps busy (1-minute load average). The merge is many cache-sized batched matmuls,
+    each a parallel region whose threads wait for one another: a thread whose core is taken by
+    another process stalls every region, which made the merge slower than core's under load."""
+    import torch
+
+    if threads is None:
+        try:
+            busy = int(os.getloadavg()[0])
+        except OSError:  # (no load average on this system)
+            busy = 0
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, min(torch.get_num_threads(), cores - busy))
+    torch.set_num_threads(threads)
+
+
+def _read_all(path: str) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    from .formats import BoftError
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
+    except Exception as e:  # safetensors' own error types; the user needs the file name
+        raise BoftError(f"{path}: cannot read the base checkpoint: {e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,8 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=1.0, help="adapter strength (default 1)")
     p.add_argument("--mode", choices=MODES, default="lycoris", help="strength mode (see above)")
     p.add_argument("--constraint", choices=CONSTRAINTS, default="auto", help=CONSTRAINT_HELP)
+    p.add_argument("--threads", type=_positive, help="CPU threads (default: torch's choice, less the cores "
+                   "that other work keeps busy)")
     p.set_defaults(run=cmd_merge)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv=None) -> int:
@@ -222,6 +273,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):  # names and tags the terminal cannot show: escaped, not a crash
         sys.stdout.reconfigure(errors="backslashreplace")
+    from .formats import BoftError  # (imports torch: after the arguments are parsed)
+
     try:
         code = args.run(args)
         sys.stdout.flush()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import struct
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .butterfly import CONCATENATED, INTERLEAVED, check_butterfly_shape
+from .modes import CONSTRAINTS
 
 FORMATS = ("lycoris-boft", "lycoris-diag-oft", "peft-boft", "kohya-boft", "peft-oft", "kohya-oft-v2",
            "onetrainer-oft", "kohya-oft", "comfyui-oft")
@@ -45,7 +47,6 @@ PACKED = ("peft-oft", "kohya-oft-v2", "onetrainer-oft")  # oft_R.weight: packed 
 TRANSPOSED = ("lycoris-diag-oft", "kohya-oft", "comfyui-oft")  # W'_k = R_kᵀ W_k, contiguous blocks
 # How an ``.alpha`` constraint is read: "lycoris" (and kohya) clamp ‖Q‖_F to alpha * out_dim,
 # ComfyUI's trainer to alpha; "auto" takes "comfyui" for files its trainer wrote, else "lycoris".
-CONSTRAINTS = ("auto", "lycoris", "comfyui")
 ONETRAINER_TERMS = KOHYA_TERMS = 5  # OneTrainer OFT_2 and sd-scripts oft_v2: 5 Neumann terms, always
 PEFT_PREFIX = "base_model.model."
 MAX_HEADER = 100_000_000  # bytes of a safetensors JSON header: safetensors' own limit (and ours for any JSON)
@@ -362,6 +363,75 @@ def read_config(path: str) -> dict:
     if not isinstance(config, dict):
         raise BoftError(f"{path} (the PEFT config): a JSON {type(config).__name__}, expected an object.")
     return config
+
+
+# The safetensors dtype names that torch has (this torch; the float8 and unsigned ones are newer):
+# what map_tensors reads and write_tensors writes.
+TORCH_DTYPES = {name: getattr(torch, attr) for name, attr in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
+    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"),
+    ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("F8_E8M0", "float8_e8m0fnu")) if hasattr(torch, attr)}
+
+
+def map_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """Every tensor of a safetensors file, and its metadata, without reading the data: views of a
+    private copy-on-write map of the file (pages are read when touched; writing to a tensor
+    changes memory, never the file). Checked as :func:`read_header` checks. None if a tensor's
+    dtype has no torch equivalent here (then read it with safetensors)."""
+    header, metadata = read_header(path)
+    if any(entry["dtype"] not in TORCH_DTYPES for entry in header.values()):
+        return None
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError) as e:
+        raise BoftError(f"{path}: cannot read: {e}.") from None
+    tensors = {}
+    for key, entry in header.items():
+        dtype, shape = TORCH_DTYPES[entry["dtype"]], entry["shape"]
+        begin, end = entry["data_offsets"]
+        if end == begin:
+            tensors[key] = torch.empty(shape, dtype=dtype)
+            continue
+        flat = torch.frombuffer(data, dtype=torch.uint8, count=end - begin, offset=8 + n + begin)
+        tensors[key] = flat.view(dtype).view(shape)
+    return tensors, metadata
+
+
+def write_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file of ``tensors`` (CPU, dtypes in :data:`TORCH_DTYPES`) and ``metadata``,
+    as safetensors lays it out (larger elements first, then by name; header padded to 8 bytes),
+    each tensor's bytes written straight from its memory. Written beside ``path`` and renamed
+    over it, so a failed write leaves no partial file (and ``path`` may be a mapped input)."""
+    names = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header, offset = {}, 0
+    for key in order:
+        t = tensors[key]
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header = {"__metadata__": metadata, **header}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for key in order:
+                t = tensors[key]
+                if t.numel():
+                    f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_tensors(path: str) -> dict[str, torch.Tensor]:

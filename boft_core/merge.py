@@ -26,8 +26,7 @@ from . import fused
 from .butterfly import cayley, neumann
 from .fast import Butterfly
 from .formats import PACKED, TRANSPOSED, BoftError, BoftLayer
-
-MODES = ("lycoris", "linear", "orthogonal")
+from .modes import MODES
 
 
 def check_mode(mode: str) -> str:
