@@ -10,6 +10,7 @@ import sys
 from .formats import BoftError, BoftFile, all_finite, trigger_words
 from .guard import check_merge, check_strength, load
 from .merge import MODES, apply, merge_bias, prepare
+from .names import MODEL_PREFIXES, TE_PREFIXES, strip_prefix
 
 DESCRIPTION = """\
 Inspect BOFT (Butterfly Orthogonal Fine-Tuning) adapter files, or merge one into a checkpoint.
@@ -19,10 +20,10 @@ adapter_model.safetensors with adapter_config.json beside it) and kohya sd-scrip
 networks.boft (lora_unet_/lora_te_ + boft_R/boft_s) files.
 """
 
-MERGE_HELP = """\
+MERGE_HELP = f"""\
 Merge ADAPTER into BASE and write every tensor of BASE (changed or not, in its own dtype) to OUT.
 Adapter layers are matched to BASE weights by name after removing the trainers' prefixes
-(lycoris_, lora_unet_, lora_te_, lora_te1_, lora_te2_, base_model.model., unet., text_encoder.)
+({", ".join(MODEL_PREFIXES + TE_PREFIXES)})
 and turning '.' into '_'; names must use the same convention as BASE (e.g. both LDM/SGM or both
 diffusers). A layer that matches no weight or several is an error. Use this for hosts without
 BOFT support (A1111, Forge, InvokeAI).
@@ -34,16 +35,11 @@ Strength modes:
   orthogonal  each block is cayley(s*Q), a rotation for every s; s = 0 leaves W unchanged
 """
 
-PREFIXES = ("lycoris_", "lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "base_model_model_",
-            "unet_", "text_encoder_")
 
 
 def layer_stem(name: str) -> str:
-    stem = name.replace(".", "_")
-    for prefix in PREFIXES:
-        if stem.startswith(prefix):
-            return stem[len(prefix):]
-    return stem
+    """The layer's path without trainer and text-encoder prefixes, '.' turned into '_'."""
+    return strip_prefix(name, text_encoders=True).replace(".", "_")
 
 
 def match_layers(adapter: BoftFile, keys: list[str]) -> dict[str, str]:

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .butterfly import CONCATENATED, INTERLEAVED, check_butterfly_shape
+from .names import boft_r_kind, is_kohya_oft, without_peft_prefix
 
 FORMATS = ("lycoris-boft", "lycoris-diag-oft", "peft-boft", "kohya-boft")
-PEFT_PREFIX = "base_model.model."
 MAX_HEADER = 100_000_000  # bytes of a safetensors JSON header: safetensors' own limit (and ours for any JSON)
 MAX_JSON_DEPTH = 64  # nesting; a safetensors header is 3 deep, PEFT configs and ss_tag_frequency a few more
 MAX_INT_DIGITS = 32  # an offset, a shape or a tag count never needs more (uint64 has 20)
@@ -399,17 +399,14 @@ def detect_format(path: str, keys: list[str], metadata: dict, config: dict | Non
             "must hold one format."
         )
     if oft:
-        if any(k.startswith(("oft_unet_", "oft_te")) for k in oft):
+        if any(is_kohya_oft(k) for k in oft):
             raise BoftError(
                 f"{path}: looks like a kohya sd-scripts OFT file (networks.oft, key {oft[0]}), "
                 "which is not BOFT and is not supported by this pack."
             )
         return "lycoris-boft"  # diag-OFT blocks are told apart per layer by ndim, see parse_lycoris
     if boft_r:
-        module = metadata.get("ss_network_module", "")
-        if module == "networks.boft" or not boft_r[0].startswith(PEFT_PREFIX):
-            return "kohya-boft"
-        return "peft-boft"
+        return boft_r_kind(boft_r[0], metadata)
     for suffix, what in OTHER_FORMATS:
         hit = next((k for k in keys if k.endswith(suffix)), None)
         if hit is not None:
@@ -520,8 +517,7 @@ def boft_r_layer(path: str, name: str, parts: dict[str, torch.Tensor], kind: str
     bias = parts.get("base_layer.bias")
     if bias is not None:
         bias = _vector(path, f"{name}.base_layer.bias", bias, scale.numel(), "a bias")
-    short = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-    layer = BoftLayer(name=short, kind=kind, blocks=blocks, scale=scale, bias=bias,
+    layer = BoftLayer(name=without_peft_prefix(name), kind=kind, blocks=blocks, scale=scale, bias=bias,
                       keys=tuple(f"{name}.{s}" for s, v in parts.items() if v is not None))
     check_finite(path, layer)
     return layer

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 import comfy.lora
 
-TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
+from ..boft_core.names import PEFT_PREFIX, TE_ROOTS
 
 
 def key_maps(model=None, clip=None) -> tuple[dict, dict]:
@@ -25,7 +23,7 @@ def candidates(name: str):
     """
     yield name
     path = name
-    for prefix in ("base_model.model.", "unet.", "transformer."):
+    for prefix in (PEFT_PREFIX, "unet.", "transformer."):
         if path.startswith(prefix):
             path = path[len(prefix):]
             yield path
@@ -42,7 +40,7 @@ def candidates(name: str):
             yield ("lora_te2_" if prefix == "text_encoder_2." else "lora_te_") + rest
             yield "lora_te1_" + rest
             return
-    for prefix in TE_PREFIXES:
+    for prefix in TE_ROOTS:
         if flat.startswith(prefix + "encoder_"):
             yield prefix + "text_model_" + flat[len(prefix):]
             return
@@ -59,22 +57,3 @@ def resolve(name: str, unet_map: dict, te_map: dict):
         if candidate in te_map:
             return "clip", te_map[candidate]
     return None
-
-
-FAMILIES = (
-    (r"single_blocks|double_blocks|single_transformer_blocks|img_attn|txt_attn", "Flux"),
-    (r"joint_blocks|context_block", "SD3"),
-    (r"lora_te2_|text_encoder_2|input_blocks_[4578]_1_transformer_blocks_[1-9]|"
-     r"down_blocks_[12]_attentions_\d_transformer_blocks_[1-9]|add_embedding|label_emb", "SDXL"),
-    (r"input_blocks|output_blocks|down_blocks|up_blocks|middle_block|mid_block", "SD1.x/SD2.x"),
-    (r"text_model|encoder_layers|lora_te", "a text encoder only"),
-)
-
-
-def guess_family(names) -> str:
-    """The model family the adapter's layer names suggest, for error messages."""
-    text = " ".join(names)
-    for pattern, family in FAMILIES:
-        if re.search(pattern, text):
-            return family
-    return "an unknown family"

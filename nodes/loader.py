@@ -26,9 +26,10 @@ from ..boft_core import (
 )
 from ..boft_core.blocks import BlockWeights, parse_block_weights
 from ..boft_core.formats import resolve_path
+from ..boft_core.names import guess_family
 from ..boft_core.stats import TRIGGER_LIMIT, trigger_text
 from .adapter import BOFTAdapter, BOFTBiasAdapter
-from .keymap import guess_family, key_maps, resolve
+from .keymap import key_maps, resolve
 
 log = logging.getLogger("comfyui-boft")
 

@@ -1,0 +1,84 @@
+"""Layer names: the one owner of every naming fact the pack uses.
+
+* the prefixes trainers put before a model path (``lycoris_``, ``lora_unet_``, ``base_model.model.``,
+  ``transformer.``, ...) and the text-encoder roots (``lora_te_``, ``lora_te1_``, ``lora_te2_``);
+* :func:`boft_r_kind`: whether a ``boft_R`` file is PEFT's or kohya's (metadata, then prefix);
+* :func:`guess_family`: the model family a file's layer names suggest.
+
+``formats`` (detection), ``stats``/``blocks`` (sections), ``cli`` (matching a checkpoint's keys),
+``nodes/keymap.py`` (ComfyUI's key maps) and ``nodes/adapter.py`` import these; none keeps a copy.
+Pure Python; never imports ComfyUI.
+"""
+
+from __future__ import annotations
+
+import re
+
+PEFT_PREFIX = "base_model.model."  # PEFT's wrapper around the model (adapter name stripped)
+TE_ROOTS = ("lora_te_", "lora_te1_", "lora_te2_")  # kohya/LyCORIS: one text encoder, or SDXL's two
+KOHYA_OFT_ROOTS = ("oft_unet_", "oft_te")  # kohya sd-scripts networks.oft
+# Prefixes before a diffusion model's own path, stripped in this order (a name may carry two, as
+# PEFT's ``base_model.model.`` before ``unet.``): SimpleTuner/LyCORIS, kohya, OneTrainer,
+# PEFT, diffusers, ComfyUI checkpoints, ComfyUI's own trainer.
+MODEL_PREFIXES = ("base_model.model.", "lycoris_", "lora_unet_", "lora_transformer_", "unet.",
+                  "model.diffusion_model.", "diffusion_model.", "transformer.")
+# Text-encoder names by root: the second encoder (SDXL's CLIP-G), then the first (or only) one.
+TE2_PATTERN = re.compile(r"^(lora_te2_|text_encoder_2[._]|clip_g[._]|te2[._])")
+TE_PATTERN = re.compile(r"^(lora_te1?_|text_encoders?[._]|text_model[._]|clip_l[._]|te1?[._]|encoder[._]layers[._])")
+# Text-encoder prefixes the CLI strips before matching a checkpoint key by suffix.
+TE_PREFIXES = (*TE_ROOTS, "text_encoder_2.", "text_encoder.")
+
+# (pattern over the names joined by spaces, family), most specific first; the label before any
+# " (" is what ``blocks.family_of`` reads.
+FAMILIES = (
+    (r"distilled_guidance_layer", "Chroma"),
+    (r"double_stream_blocks|single_stream_blocks", "HiDream"),
+    (r"noise_refiner|context_refiner|layers[._]\d+[._](attention[._](qkv|out|to_[qkv])|feed_forward)",
+     "Z-Image (or Lumina 2)"),
+    (r"transformer_blocks[._]\d+[._](img|txt)_(mod|mlp)", "Qwen-Image"),
+    (r"(^|[ ._])blocks[._]\d+[._](self_attn|cross_attn|ffn)[._]", "Wan"),
+    (r"single_blocks|double_blocks|single_transformer_blocks|img_attn|txt_attn", "Flux (or Chroma)"),
+    (r"joint_blocks|context_block", "SD3"),
+    (r"lora_te2_|text_encoder_2|input_blocks_[4578]_1_transformer_blocks_[1-9]|"
+     r"down_blocks_[12]_attentions_\d_transformer_blocks_[1-9]|add_embedding|label_emb", "SDXL"),
+    (r"input_blocks|output_blocks|down_blocks|up_blocks|middle_block|mid_block", "SD1.x/SD2.x"),
+    (r"text_model|encoder_layers|lora_te", "a text encoder only"),
+)
+
+
+def strip_prefix(name: str, text_encoders: bool = False) -> str:
+    """``name`` without the trainers' model prefixes (``lycoris_``, ``lora_unet_``, ``base_model.model.``,
+    ...), applied in :data:`MODEL_PREFIXES` order; with ``text_encoders`` also without a text-encoder
+    root (``lora_te1_``, ``text_encoder.``)."""
+    stem = name
+    for prefix in MODEL_PREFIXES + (TE_PREFIXES if text_encoders else ()):
+        if stem.startswith(prefix):
+            stem = stem[len(prefix):]
+    return stem
+
+
+def without_peft_prefix(name: str) -> str:
+    """A PEFT key's layer path without ``base_model.model.``."""
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def boft_r_kind(name: str, metadata: dict | None = None) -> str:
+    """``"kohya-boft"`` or ``"peft-boft"`` for a ``boft_R`` layer: kohya's ``ss_network_module``
+    decides when present (kohya also reads PEFT-named keys), else PEFT's ``base_model.model.``."""
+    if (metadata or {}).get("ss_network_module") == "networks.boft" or not name.startswith(PEFT_PREFIX):
+        return "kohya-boft"
+    return "peft-boft"
+
+
+def is_kohya_oft(name: str) -> bool:
+    """Whether a layer name is kohya sd-scripts ``networks.oft``'s (``oft_unet_...``, ``oft_te...``)."""
+    return name.startswith(KOHYA_OFT_ROOTS)
+
+
+def guess_family(names) -> str:
+    """The model family the adapter's layer names suggest, for messages and the info panel."""
+    text = " ".join(names)
+    for pattern, family in FAMILIES:
+        if re.search(pattern, text):
+            return family
+    return "an unknown family"
