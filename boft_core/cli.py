@@ -10,7 +10,7 @@ import sys
 from .formats import BoftError, BoftFile, all_finite, trigger_words
 from .guard import check_merge, check_strength, load
 from .merge import MODES, apply, merge_bias, prepare
-from .names import MODEL_PREFIXES, TE_PREFIXES, strip_prefix
+from .names import MODEL_PREFIXES, TE_PREFIXES, other_layers, strip_prefix
 
 DESCRIPTION = """\
 Inspect BOFT (Butterfly Orthogonal Fine-Tuning) adapter files, or merge one into a checkpoint.
@@ -86,6 +86,11 @@ def cmd_inspect(args) -> int:
     for module in info["modules"]:
         print(f"  {module['name']}  {module['m']}  {module['block_num']}  {module['block_size']}  "
               f"{module['constraint']:g}  {module['rescaled']}")
+    if info["other_layers"]:
+        print(f"  other adapter layers (for the host's own adapters, e.g. ComfyUI's LoRA code): "
+              f"{len(info['other_layers'])}")
+        for other in info["other_layers"]:
+            print(f"  {other['name']}  {other['kind']}  {', '.join(k[len(other['name']):] for k in other['keys'])}")
     return 0
 
 
@@ -104,10 +109,15 @@ def describe(adapter: BoftFile) -> dict:
         }
         for layer in adapter.layers.values()
     ]
+    kinds = other_layers(adapter.others)
+    others = [{"name": name, "kind": kind,
+               "keys": sorted(k for k in adapter.others if k == name or k.startswith(name + "."))}
+              for name, kind in sorted(kinds.items())]
     return {
         "path": adapter.path,
         "format": adapter.format,
         "layers": len(modules),
+        "other_layers": others,  # other adapter kinds in a mixed file: the host's adapters apply them
         "dtype": adapter.dtype,
         "parameters": adapter.parameter_count,
         "modules": modules,
@@ -129,6 +139,11 @@ def cmd_merge(args) -> int:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as e:  # safetensors' own error types; the user needs the file name
         raise BoftError(f"{args.base}: cannot read the base checkpoint: {e}") from None
+    if adapter.others:
+        shown = ", ".join(sorted(adapter.others)[:5])
+        raise BoftError(f"{adapter.path}: a mixed file: {len(adapter.others)} key(s) of other adapter kinds "
+                        f"(e.g. {shown}) beside its BOFT layers; merge merges BOFT layers only and would "
+                        "apply half of it. Load the file in ComfyUI (the pack's loader applies both).")
     matched = match_layers(adapter, list(tensors))
     merged = {}
     for name, key in matched.items():  # every layer checked and merged before anything is written

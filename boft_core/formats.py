@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .butterfly import CONCATENATED, INTERLEAVED, check_butterfly_shape
-from .names import boft_r_kind, is_kohya_oft, without_peft_prefix
+from .names import OTHER_SUFFIXES, boft_r_kind, is_kohya_oft, without_peft_prefix
 
 FORMATS = ("lycoris-boft", "lycoris-diag-oft", "peft-boft", "kohya-boft")
 MAX_HEADER = 100_000_000  # bytes of a safetensors JSON header: safetensors' own limit (and ours for any JSON)
@@ -90,6 +90,8 @@ class BoftFile:
     layers: dict[str, BoftLayer]
     metadata: dict[str, str] = field(default_factory=dict)
     config: dict | None = None  # PEFT adapter_config.json
+    # Keys of no BOFT layer (other adapter kinds in a mixed file): the host's own adapters take them.
+    others: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def dtype(self) -> str:
@@ -364,24 +366,18 @@ def read_file(path: str) -> BoftFile:
         raise BoftError(f"{path}: no BOFT layers found.")
     kinds = {layer.kind for layer in layers.values()}
     fmt = kinds.pop() if len(kinds) == 1 else fmt  # a LyCORIS file of only 3-D blocks is diag-OFT
-    return BoftFile(path=path, format=fmt, layers=layers, metadata=metadata, config=config)
+    consumed = {key for layer in layers.values() for key in layer.keys}
+    others = {key: value for key, value in tensors.items() if key not in consumed}
+    for key, value in others.items():
+        if value.is_floating_point() and not all_finite(value):
+            raise BoftError(f"{path}: {key} (shape {tuple(value.shape)}) contains NaN or infinite values; "
+                            "the file is broken.")
+    return BoftFile(path=path, format=fmt, layers=layers, metadata=metadata, config=config, others=others)
 
 
 # --- detection ---------------------------------------------------------------------------------
 
-OTHER_FORMATS = (
-    (".lora_up.weight", "a LoRA (lora_up/lora_down)"),
-    (".lora_down.weight", "a LoRA (lora_up/lora_down)"),
-    (".lora_A.weight", "a PEFT LoRA (lora_A/lora_B)"),
-    (".lora_B.weight", "a PEFT LoRA (lora_A/lora_B)"),
-    (".hada_w1_a", "a LyCORIS LoHa"),
-    (".lokr_w1", "a LyCORIS LoKr"),
-    (".lokr_w1_a", "a LyCORIS LoKr"),
-    (".oft_R.weight", "a PEFT OFT adapter (oft_R)"),
-    (".oft_r", "a PEFT OFT adapter (oft_r)"),
-    (".w_norm", "a LyCORIS norm adapter"),
-    (".diff", "a LyCORIS full-weight diff"),
-)
+OTHER_FORMATS = tuple((suffix, what) for suffix, _, what in OTHER_SUFFIXES)  # detection's view
 
 
 def detect_format(path: str, keys: list[str], metadata: dict, config: dict | None) -> str:
@@ -437,16 +433,6 @@ def _group(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...]) -> tuple
         else:
             rest.append(key)
     return layers, rest
-
-
-def _refuse_leftovers(path: str, rest: list[str], what: str) -> None:
-    if rest:
-        shown = ", ".join(sorted(rest)[:5])
-        raise BoftError(
-            f"{path}: {len(rest)} key(s) are not part of a {what} layer (e.g. {shown}); mixed "
-            "adapter files are not supported, and skipping keys silently would apply half an "
-            "adapter."
-        )
 
 
 def _blocks(path: str, key: str, value: torch.Tensor, layout: str, ndim: int = 4) -> torch.Tensor:
@@ -525,16 +511,14 @@ def boft_r_layer(path: str, name: str, parts: dict[str, torch.Tensor], kind: str
 
 def _parse(path: str, tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...], build,
            what: str) -> dict[str, BoftLayer]:
-    """Group keys by layer (the first suffix is the layer's main tensor), build each, refuse the rest."""
-    groups, rest = _group(tensors, suffixes)
+    """Group keys by layer (the first suffix is the layer's main tensor) and build each. Keys of
+    no such layer are left for :func:`read_file`, which keeps them as the file's ``others``."""
+    groups, _ = _group(tensors, suffixes)
     layers = {}
     for name, parts in groups.items():
-        if suffixes[0] not in parts:
-            rest.extend(f"{name}.{s}" for s in parts)
-            continue
-        layer = build(path, name, parts)
-        layers[layer.name] = layer
-    _refuse_leftovers(path, rest, what)
+        if suffixes[0] in parts:
+            layer = build(path, name, parts)
+            layers[layer.name] = layer
     return layers
 
 

@@ -28,6 +28,26 @@ TE_PATTERN = re.compile(r"^(lora_te1?_|text_encoders?[._]|text_model[._]|clip_l[
 # Text-encoder prefixes the CLI strips before matching a checkpoint key by suffix.
 TE_PREFIXES = (*TE_ROOTS, "text_encoder_2.", "text_encoder.")
 
+# Keys of the adapter kinds ComfyUI's own adapters read, by suffix: (suffix, kind, what a file
+# of only these is). A file that mixes them with BOFT layers hands them to the host's adapters.
+OTHER_SUFFIXES = (
+    (".lora_up.weight", "lora", "a LoRA (lora_up/lora_down)"),
+    (".lora_down.weight", "lora", "a LoRA (lora_up/lora_down)"),
+    (".lora_mid.weight", "lora", "a LoRA (lora_up/lora_down)"),
+    (".lora_A.weight", "lora", "a PEFT LoRA (lora_A/lora_B)"),
+    (".lora_B.weight", "lora", "a PEFT LoRA (lora_A/lora_B)"),
+    *((f".hada_{p}", "loha", "a LyCORIS LoHa") for p in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")),
+    *((f".lokr_{p}", "lokr", "a LyCORIS LoKr") for p in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")),
+    (".oft_R.weight", "oft", "a PEFT OFT adapter (oft_R)"),
+    (".oft_r", "oft", "a PEFT OFT adapter (oft_r)"),
+    (".w_norm", "norm", "a LyCORIS norm adapter"),
+    (".b_norm", "norm", "a LyCORIS norm adapter"),
+    (".diff", "full", "a LyCORIS full-weight diff"),
+    (".diff_b", "full", "a LyCORIS full-weight diff"),
+    (".set_weight", "set", "a weight replacement (set_weight)"),
+)
+SHARED_SUFFIXES = (".alpha", ".dora_scale")  # beside the main keys of any adapter kind
+
 # (pattern over the names joined by spaces, family), most specific first; the label before any
 # " (" is what ``blocks.family_of`` reads.
 FAMILIES = (
@@ -82,3 +102,21 @@ def guess_family(names) -> str:
         if re.search(pattern, text):
             return family
     return "an unknown family"
+
+
+def other_layers(keys) -> dict[str, str]:
+    """{layer name: adapter kind} for keys of other adapter kinds (:data:`OTHER_SUFFIXES`); a
+    layer of keys with no known suffix is ``"unknown"`` (named by the key without its last part)."""
+    layers: dict[str, str] = {}
+    shared = []
+    for key in keys:
+        hit = next(((suffix, kind) for suffix, kind, _ in OTHER_SUFFIXES if key.endswith(suffix)), None)
+        if hit is not None:
+            layers[key[: -len(hit[0])]] = hit[1]
+        elif key.endswith(SHARED_SUFFIXES):
+            shared.append(key.rsplit(".", 1)[0])
+        else:
+            layers.setdefault(key.rsplit(".", 1)[0] if "." in key else key, "unknown")
+    for name in shared:
+        layers.setdefault(name, "unknown")
+    return layers

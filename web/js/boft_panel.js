@@ -35,6 +35,19 @@ function coverage(info, lastRun) {
   return `${info.layers} · last run applied ${lastRun.applied} of ${lastRun.total}`;
 }
 
+/** A mixed file's other adapter kinds (LoRA, full diffs, ...): ComfyUI's own adapters apply them. */
+function otherAdapters(info, lastRun) {
+  const others = info.other_layers ?? [];
+  if (!others.length) return null;
+  const kinds = {};
+  for (const o of others) kinds[o.kind] = (kinds[o.kind] ?? 0) + 1;
+  const text = `${others.length} layers by ComfyUI's own adapters (${Object.entries(kinds).sort()
+    .map(([k, n]) => `${k} ${n}`).join(", ")})`;
+  const host = lastRun?.host;
+  return row("Other adapters", "other-layers",
+             host ? `${text} · last run applied ${Object.keys(host).length}` : text);
+}
+
 function triggerChips(info, limit) {
   const words = info.trigger_words ?? [];
   if (!words.length) return el("div", { class: "boft-muted" }, "No trigger words (no ss_tag_frequency).");
@@ -108,6 +121,7 @@ function render(root, state, large, setBlockWeights) {
        el("span", { dataset: { field: "format" } }, info.format),
        el("span", { class: "boft-muted", dataset: { field: "family" } }, ` · ${info.family}`)),
     row("Layers", "layers", coverage(info, lastRun)),
+    otherAdapters(info, lastRun),
     notApplied.length ? row("Not applied", "not-applied", large ? notApplied.join(", ")
       : `${notApplied.slice(0, 3).join(", ")}${notApplied.length > 3 ? ` and ${notApplied.length - 3} more` : ""}`)
       : null,
