@@ -16,6 +16,7 @@ import re
 
 PEFT_PREFIX = "base_model.model."  # PEFT's wrapper around the model (adapter name stripped)
 TE_ROOTS = ("lora_te_", "lora_te1_", "lora_te2_")  # kohya/LyCORIS: one text encoder, or SDXL's two
+UNDERSCORED_ROOTS = ("lycoris_", "lora_transformer_", "lora_unet_")  # roots before a flattened path
 KOHYA_OFT_ROOTS = ("oft_unet_", "oft_te")  # kohya sd-scripts networks.oft
 # Prefixes before a diffusion model's own path, stripped in this order (a name may carry two, as
 # PEFT's ``base_model.model.`` before ``unet.``): SimpleTuner/LyCORIS, kohya, OneTrainer,
@@ -27,6 +28,25 @@ TE2_PATTERN = re.compile(r"^(lora_te2_|text_encoder_2[._]|clip_g[._]|te2[._])")
 TE_PATTERN = re.compile(r"^(lora_te1?_|text_encoders?[._]|text_model[._]|clip_l[._]|te1?[._]|encoder[._]layers[._])")
 # Text-encoder prefixes the CLI strips before matching a checkpoint key by suffix.
 TE_PREFIXES = (*TE_ROOTS, "text_encoder_2.", "text_encoder.")
+
+# Wan 2.x: diffusers' WanTransformer3DModel path -> the native path ComfyUI's WanModel uses, for
+# the linear layers (the inverse of TRANSFORMER_KEYS_RENAME_DICT in diffusers'
+# scripts/convert_wan_to_diffusers.py). ComfyUI has no diffusers map for Wan; longest first.
+WAN_DIFFUSERS = (
+    ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
+    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("attn2.add_k_proj", "cross_attn.k_img"), ("attn2.add_v_proj", "cross_attn.v_img"),
+    ("attn1.to_out.0", "self_attn.o"), ("attn2.to_out.0", "cross_attn.o"),
+    *((f"attn1.to_{x}", f"self_attn.{x}") for x in "qkv"),
+    *((f"attn2.to_{x}", f"cross_attn.{x}") for x in "qkv"),
+    ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"),
+    ("proj_out", "head.head"),
+)
 
 # Keys of the adapter kinds ComfyUI's own adapters read, by suffix: (suffix, kind, what a file
 # of only these is). A file that mixes them with BOFT layers hands them to the host's adapters.
@@ -120,3 +140,14 @@ def other_layers(keys) -> dict[str, str]:
     for name in shared:
         layers.setdefault(name, "unknown")
     return layers
+
+
+def wan_native(path: str, sep: str = ".") -> str:
+    """A Wan layer path in diffusers' naming turned into the native one (``blocks.0.attn1.to_q`` ->
+    ``blocks.0.self_attn.q``); ``sep="_"`` for flattened names (``lycoris_blocks_0_attn1_to_q``).
+    Fragments are replaced whole (between separators); other paths come back unchanged."""
+    for diffusers, native in WAN_DIFFUSERS:
+        s = re.escape(sep)
+        pattern = rf"(?<![^{s}]){re.escape(diffusers.replace('.', sep))}(?![^{s}])"
+        path = re.sub(pattern, native.replace(".", sep), path)
+    return path

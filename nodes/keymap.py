@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import comfy.lora
 
-from ..boft_core.names import PEFT_PREFIX, TE_ROOTS
+from ..boft_core.names import PEFT_PREFIX, TE_ROOTS, UNDERSCORED_ROOTS, wan_native
 
 
 def key_maps(model=None, clip=None) -> tuple[dict, dict]:
@@ -18,8 +18,11 @@ def candidates(name: str):
     """Names ComfyUI's key maps may know this layer by, most specific first.
 
     Adds what the core maps miss: PEFT ``base_model.model.`` and diffusers ``unet.`` names with the
-    new attention naming (``attn1.to_q``, ``to_out.0``), PEFT text-encoder names, and
-    transformers-5 text-encoder names without ``text_model`` (``lora_te_encoder_layers_...``).
+    new attention naming (``attn1.to_q``, ``to_out.0``), PEFT text-encoder names,
+    transformers-5 text-encoder names without ``text_model`` (``lora_te_encoder_layers_...``),
+    the model's native paths under any trainer's prefix (``transformer.``, ``lycoris_``,
+    ``lora_transformer_``: ComfyUI maps ``diffusion_model.<path>`` and ``lora_unet_<path>`` for every
+    model), and Wan in diffusers' naming (``blocks.0.attn1.to_q`` is ``blocks.0.self_attn.q``).
     """
     yield name
     path = name
@@ -44,9 +47,20 @@ def candidates(name: str):
         if flat.startswith(prefix + "encoder_"):
             yield prefix + "text_model_" + flat[len(prefix):]
             return
-    if "." in path:
+    if "." in name:  # a dotted name (after any prefix the path may be one word: transformer.proj_out)
         yield "lora_unet_" + flat  # diffusers path; ComfyUI maps its underscored form
         yield "lycoris_" + flat
+        yield "diffusion_model." + path  # a native path under another prefix (0.3.75: also Z-Image's diffusers map)
+        if wan_native(path) != path:
+            yield "diffusion_model." + wan_native(path)  # Wan in diffusers' naming: ComfyUI maps none
+        return
+    for prefix in UNDERSCORED_ROOTS:  # a flattened native (or Wan diffusers) path: ComfyUI maps lora_unet_<it>
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            yield "lora_unet_" + rest
+            if wan_native(rest, "_") != rest:
+                yield "lora_unet_" + wan_native(rest, "_")
+            return
 
 
 def resolve(name: str, unet_map: dict, te_map: dict):

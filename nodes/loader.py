@@ -180,6 +180,10 @@ def plan_patches(boft_file: BoftFile, model, clip, mode: str, strength_model: fl
             missing.append(name)
             continue
         where, key = hit
+        if isinstance(key, tuple) and (len(key) > 2 or key[1] is None):
+            raise BoftError(f"{boft_file.path}: layer {name} maps onto the model's {key[0]} with its rows in "
+                            "another order (a function in ComfyUI's key map, e.g. swap_scale_shift); a rotation "
+                            "of the file's rows is no rotation of the model's, so it cannot be applied.")
         strength = (strength_model if where == "model" else strength_clip) * (
             weights.weight(name) if weights is not None else 1.0)
         if strength == 0:
