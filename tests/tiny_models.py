@@ -284,7 +284,15 @@ def tiny_dit(family: str, seed: int = 0):
     import comfy.supported_models
 
     name, unet_config = TINY_DITS[family]
-    config = getattr(comfy.supported_models, name)(dict(unet_config))
+    unet_config = dict(unet_config)
+    if family == "flux":
+        import dataclasses
+
+        from comfy.ldm.flux.model import FluxParams
+
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:
+            unet_config["txt_ids_dims"] = []  # 0.28: what its model detection sets for plain Flux
+    config = getattr(comfy.supported_models, name)(unet_config)
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, "", device=torch.device("cpu"))
     sd = _random_state_dict(model.diffusion_model, torch.Generator().manual_seed(seed), torch.float32,
