@@ -174,6 +174,7 @@ def plan_patches(boft_file: BoftFile, model, clip, mode: str, strength_model: fl
     patches = {"model": {}, "clip": {}}
     strengths = {"model": {}, "clip": {}}
     missing = []
+    owners = {}  # file layer -> (part, model key)
     for name, layer in boft_file.layers.items():
         hit = resolve(name, unet_map, te_map)
         if hit is None:
@@ -193,6 +194,11 @@ def plan_patches(boft_file: BoftFile, model, clip, mode: str, strength_model: fl
             check_merge(layer, strength, mode, _target(roots[where], key))
         except BoftError as e:
             raise BoftError(f"{boft_file.path}: {e} (model key {key})") from None
+        if key in patches[where]:  # aliases (0.28 maps Flux 1 and Flux 2 diffusers names to one weight)
+            other = next(n for n, k in owners.items() if k == (where, key))
+            raise BoftError(f"{boft_file.path}: layers {other} and {name} both adapt the model's {key}; "
+                            "one file may adapt a weight once.")
+        owners[name] = (where, key)
         patches[where][key] = BOFTAdapter.from_layer(layer, mode)
         strengths[where][key] = strength
         if layer.bias is not None and isinstance(key, str) and key.endswith(".weight"):
