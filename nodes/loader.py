@@ -174,7 +174,7 @@ def plan_patches(boft_file: BoftFile, model, clip, mode: str, strength_model: fl
     patches = {"model": {}, "clip": {}}
     strengths = {"model": {}, "clip": {}}
     missing = []
-    owners = {}  # file layer -> (part, model key)
+    owners = {}  # file layer -> (part, model weight, first row, end row)
     for name, layer in boft_file.layers.items():
         hit = resolve(name, unet_map, te_map)
         if hit is None:
@@ -194,11 +194,14 @@ def plan_patches(boft_file: BoftFile, model, clip, mode: str, strength_model: fl
             check_merge(layer, strength, mode, _target(roots[where], key))
         except BoftError as e:
             raise BoftError(f"{boft_file.path}: {e} (model key {key})") from None
-        if key in patches[where]:  # aliases (0.28 maps Flux 1 and Flux 2 diffusers names to one weight)
-            other = next(n for n, k in owners.items() if k == (where, key))
-            raise BoftError(f"{boft_file.path}: layers {other} and {name} both adapt the model's {key}; "
-                            "one file may adapt a weight once.")
-        owners[name] = (where, key)
+        # aliases (0.28 maps Flux 1 and Flux 2 diffusers names, a whole weight and its row slices, to one weight)
+        weight_key = key[0] if isinstance(key, tuple) else key
+        start, stop = (key[1][1], key[1][1] + key[1][2]) if isinstance(key, tuple) else (0, float("inf"))
+        for other, (o_where, o_key, o_start, o_stop) in owners.items():
+            if (o_where, o_key) == (where, weight_key) and start < o_stop and o_start < stop:
+                raise BoftError(f"{boft_file.path}: layers {other} and {name} both adapt the model's {weight_key} "
+                                "(the same rows); one file may adapt a weight once.")
+        owners[name] = (where, weight_key, start, stop)
         patches[where][key] = BOFTAdapter.from_layer(layer, mode)
         strengths[where][key] = strength
         if layer.bias is not None and isinstance(key, str) and key.endswith(".weight"):
