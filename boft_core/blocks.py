@@ -32,7 +32,8 @@ import re
 from dataclasses import dataclass, field
 
 from .formats import BoftError
-from .stats import block_of, strip_prefix
+from .names import strip_prefix
+from .stats import block_of
 
 LBW26 = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
 ORDERS = {  # family -> {vector length: block ids in order}

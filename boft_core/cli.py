@@ -12,6 +12,7 @@ import os
 import sys
 
 from .modes import CONSTRAINTS, MODES
+from .names import MODEL_PREFIXES, TE_PREFIXES, other_layers, strip_prefix
 
 DESCRIPTION = """\
 Inspect BOFT (Butterfly Orthogonal Fine-Tuning) adapter files, or merge one into a checkpoint.
@@ -26,10 +27,10 @@ oft_blocks) files.
 CONSTRAINT_HELP = ("how an .alpha constraint is read: auto (ComfyUI-trained files by ComfyUI's rule "
                    "|Q| <= alpha, others by LyCORIS/kohya's |Q| <= alpha*out_dim), lycoris, comfyui")
 
-MERGE_HELP = """\
+MERGE_HELP = f"""\
 Merge ADAPTER into BASE and write every tensor of BASE (changed or not, in its own dtype) to OUT.
 Adapter layers are matched to BASE weights by name after removing the trainers' prefixes
-(lycoris_, lora_unet_, lora_te_, lora_te1_, lora_te2_, base_model.model., unet., text_encoder.)
+({", ".join(MODEL_PREFIXES + TE_PREFIXES)})
 and turning '.' into '_'; names must use the same convention as BASE (e.g. both LDM/SGM or both
 diffusers). A layer that matches no weight or several is an error. Use this for hosts without
 BOFT support (A1111, Forge, InvokeAI).
@@ -41,16 +42,11 @@ Strength modes:
   orthogonal  each block is cayley(s*Q), a rotation for every s; s = 0 leaves W unchanged
 """
 
-PREFIXES = ("lycoris_", "lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "base_model_model_",
-            "unet_", "text_encoder_", "oft_unet_", "lora_transformer_", "transformer_", "diffusion_model_")
 
 
 def layer_stem(name: str) -> str:
-    stem = name.replace(".", "_")
-    for prefix in PREFIXES:
-        if stem.startswith(prefix):
-            return stem[len(prefix):]
-    return stem
+    """The layer's path without trainer and text-encoder prefixes, '.' turned into '_'."""
+    return strip_prefix(name, text_encoders=True).replace(".", "_")
 
 
 def match_layers(adapter, keys: list[str]) -> dict[str, str]:
@@ -103,6 +99,11 @@ def cmd_inspect(args) -> int:
     for module in info["modules"]:
         print(f"  {module['name']}  {module['m']}  {module['block_num']}  {module['block_size']}  "
               f"{module['constraint']:g}  {module['rescaled']}  {module['rotation']}")
+    if info["other_layers"]:
+        print(f"  other adapter layers (for the host's own adapters, e.g. ComfyUI's LoRA code): "
+              f"{len(info['other_layers'])}")
+        for other in info["other_layers"]:
+            print(f"  {other['name']}  {other['kind']}  {', '.join(k[len(other['name']):] for k in other['keys'])}")
     return 0
 
 
@@ -126,11 +127,16 @@ def describe(adapter) -> dict:
         }
         for layer in adapter.layers.values()
     ]
+    kinds = other_layers(adapter.others)
+    others = [{"name": name, "kind": kind,
+               "keys": sorted(k for k in adapter.others if k == name or k.startswith(name + "."))}
+              for name, kind in sorted(kinds.items())]
     return {
         "path": adapter.path,
         "format": adapter.format,
         "constraint_rule": constraint_rule(adapter),
         "layers": len(modules),
+        "other_layers": others,  # other adapter kinds in a mixed file: the host's adapters apply them
         "dtype": adapter.dtype,
         "parameters": adapter.parameter_count,
         "modules": modules,
@@ -159,6 +165,11 @@ def cmd_merge(args) -> int:
     strength = check_strength(args.strength, "--strength")
     _set_threads(args.threads)
     adapter = with_constraint(load(args.adapter), args.constraint)
+    if adapter.others:
+        shown = ", ".join(sorted(adapter.others)[:5])
+        raise BoftError(f"{adapter.path}: a mixed file: {len(adapter.others)} key(s) of other adapter kinds "
+                        f"(e.g. {shown}) beside its BOFT layers; merge merges BOFT layers only and would "
+                        "apply half of it. Load the file in ComfyUI (the pack's loader applies both).")
     # BASE mapped copy-on-write: only the matched weights are read before writing, and they are
     # merged in place (float16/bfloat16 computed in float32 a slice at a time, rounded once)
     try:

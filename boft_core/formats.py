@@ -39,6 +39,7 @@ import torch
 
 from .butterfly import CONCATENATED, INTERLEAVED, check_butterfly_shape
 from .modes import CONSTRAINTS
+from .names import OTHER_SUFFIXES, PEFT_PREFIX, boft_r_kind, without_peft_prefix
 
 FORMATS = ("lycoris-boft", "lycoris-diag-oft", "peft-boft", "kohya-boft", "peft-oft", "kohya-oft-v2",
            "onetrainer-oft", "kohya-oft", "comfyui-oft")
@@ -48,7 +49,6 @@ TRANSPOSED = ("lycoris-diag-oft", "kohya-oft", "comfyui-oft")  # W'_k = R_kᵀ W
 # How an ``.alpha`` constraint is read: "lycoris" (and kohya) clamp ‖Q‖_F to alpha * out_dim,
 # ComfyUI's trainer to alpha; "auto" takes "comfyui" for files its trainer wrote, else "lycoris".
 ONETRAINER_TERMS = KOHYA_TERMS = 5  # OneTrainer OFT_2 and sd-scripts oft_v2: 5 Neumann terms, always
-PEFT_PREFIX = "base_model.model."
 MAX_HEADER = 100_000_000  # bytes of a safetensors JSON header: safetensors' own limit (and ours for any JSON)
 MAX_JSON_DEPTH = 64  # nesting; a safetensors header is 3 deep, PEFT configs and ss_tag_frequency a few more
 MAX_INT_DIGITS = 32  # an offset, a shape or a tag count never needs more (uint64 has 20)
@@ -120,6 +120,8 @@ class BoftFile:
     layers: dict[str, BoftLayer]
     metadata: dict[str, str] = field(default_factory=dict)
     config: dict | None = None  # PEFT adapter_config.json
+    # Keys of no BOFT layer (other adapter kinds in a mixed file): the host's own adapters take them.
+    others: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def dtype(self) -> str:
@@ -468,7 +470,13 @@ def read_file(path: str) -> BoftFile:
         layers = {name: replace(layer, kind="comfyui-oft", constraint="comfyui") for name, layer in layers.items()}
     kinds = {layer.kind for layer in layers.values()}
     fmt = kinds.pop() if len(kinds) == 1 else fmt  # a LyCORIS file of only 3-D blocks is diag-OFT
-    return BoftFile(path=path, format=fmt, layers=layers, metadata=metadata, config=config)
+    consumed = {key for layer in layers.values() for key in layer.keys}
+    others = {key: value for key, value in tensors.items() if key not in consumed}
+    for key, value in others.items():
+        if value.is_floating_point() and not all_finite(value):
+            raise BoftError(f"{path}: {key} (shape {tuple(value.shape)}) contains NaN or infinite values; "
+                            "the file is broken.")
+    return BoftFile(path=path, format=fmt, layers=layers, metadata=metadata, config=config, others=others)
 
 
 def comfyui_trained(layers: dict[str, BoftLayer], metadata: dict) -> bool:
@@ -501,17 +509,7 @@ def constraint_rule(boft_file: BoftFile) -> str:
 
 # --- detection ---------------------------------------------------------------------------------
 
-OTHER_FORMATS = (
-    (".lora_up.weight", "a LoRA (lora_up/lora_down)"),
-    (".lora_down.weight", "a LoRA (lora_up/lora_down)"),
-    (".lora_A.weight", "a PEFT LoRA (lora_A/lora_B)"),
-    (".lora_B.weight", "a PEFT LoRA (lora_A/lora_B)"),
-    (".hada_w1_a", "a LyCORIS LoHa"),
-    (".lokr_w1", "a LyCORIS LoKr"),
-    (".lokr_w1_a", "a LyCORIS LoKr"),
-    (".w_norm", "a LyCORIS norm adapter"),
-    (".diff", "a LyCORIS full-weight diff"),
-)
+OTHER_FORMATS = tuple((suffix, what) for suffix, _, what in OTHER_SUFFIXES)  # detection's view
 
 
 def detect_format(path: str, keys: list[str], metadata: dict, config: dict | None) -> str:
@@ -571,10 +569,7 @@ def detect_format(path: str, keys: list[str], metadata: dict, config: dict | Non
         if peft_type == "OFT":
             raise BoftError(f"{path}: the adapter_config.json beside it says peft_type 'OFT', but the "
                             f"file holds BOFT keys ({boft_r[0]}).")
-        module = metadata.get("ss_network_module", "")
-        if module == "networks.boft" or not boft_r[0].startswith(PEFT_PREFIX):
-            return "kohya-boft"
-        return "peft-boft"
+        return boft_r_kind(boft_r[0], metadata)
     for suffix, what in OTHER_FORMATS:
         hit = next((k for k in keys if k.endswith(suffix)), None)
         if hit is not None:
@@ -608,16 +603,6 @@ def _group(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...]) -> tuple
         else:
             rest.append(key)
     return layers, rest
-
-
-def _refuse_leftovers(path: str, rest: list[str], what: str) -> None:
-    if rest:
-        shown = ", ".join(sorted(rest)[:5])
-        raise BoftError(
-            f"{path}: {len(rest)} key(s) are not part of a {what} layer (e.g. {shown}); mixed "
-            "adapter files are not supported, and skipping keys silently would apply half an "
-            "adapter."
-        )
 
 
 def _blocks(path: str, key: str, value: torch.Tensor, layout: str, ndim: int = 4) -> torch.Tensor:
@@ -691,8 +676,7 @@ def boft_r_layer(path: str, name: str, parts: dict[str, torch.Tensor], kind: str
     bias = parts.get("base_layer.bias")
     if bias is not None:
         bias = _vector(path, f"{name}.base_layer.bias", bias, scale.numel(), "a bias")
-    short = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-    layer = BoftLayer(name=short, kind=kind, blocks=blocks, scale=scale, bias=bias,
+    layer = BoftLayer(name=without_peft_prefix(name), kind=kind, blocks=blocks, scale=scale, bias=bias,
                       keys=tuple(f"{name}.{s}" for s, v in parts.items() if v is not None))
     check_finite(path, layer)
     return layer
@@ -700,16 +684,14 @@ def boft_r_layer(path: str, name: str, parts: dict[str, torch.Tensor], kind: str
 
 def _parse(path: str, tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...], build,
            what: str) -> dict[str, BoftLayer]:
-    """Group keys by layer (the first suffix is the layer's main tensor), build each, refuse the rest."""
-    groups, rest = _group(tensors, suffixes)
+    """Group keys by layer (the first suffix is the layer's main tensor) and build each. Keys of
+    no such layer are left for :func:`read_file`, which keeps them as the file's ``others``."""
+    groups, _ = _group(tensors, suffixes)
     layers = {}
     for name, parts in groups.items():
-        if suffixes[0] not in parts:
-            rest.extend(f"{name}.{s}" for s in parts)
-            continue
-        layer = build(path, name, parts)
-        layers[layer.name] = layer
-    _refuse_leftovers(path, rest, what)
+        if suffixes[0] in parts:
+            layer = build(path, name, parts)
+            layers[layer.name] = layer
     return layers
 
 
@@ -734,19 +716,15 @@ def parse_kohya_oft(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, Bo
     layers store parts ``<name>.oft_blocks.0..N`` (k, b_i, b_i) on consecutive row slices, each
     with the constraint ``alpha * rows of the part``."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
-    rest = []
-    for key, value in tensors.items():
+    for key, value in tensors.items():  # other keys are left to read_file (a mixed file's others)
         hit = re.match(r"^(.*)\.(oft_blocks(?:\.\d+)?|alpha)$", key)
         if hit:
             groups.setdefault(hit[1], {})[hit[2]] = value
-        else:
-            rest.append(key)
     layers = {}
     for name, parts in groups.items():
         alpha = parts.pop("alpha", None)
         if not parts:
-            rest.append(f"{name}.alpha")
-            continue
+            continue  # an .alpha of no oft_blocks: another adapter's (read_file keeps it with the others)
         if alpha is None:
             raise BoftError(f"{path}: {name} has oft_blocks but no {name}.alpha (kohya's constraint).")
         if "oft_blocks" in parts and len(parts) > 1:
@@ -765,7 +743,6 @@ def parse_kohya_oft(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, Bo
             layer = replace(layer, rows=(start, layer.dim), keys=(f"{name}.{key}", f"{name}.alpha"))
             layers[layer.name] = layer
             start += layer.dim
-    _refuse_leftovers(path, rest, "kohya OFT")
     return layers
 
 

@@ -21,16 +21,13 @@ import torch
 from .butterfly import apply_stages
 from .formats import BoftFile, BoftLayer, trigger_words
 from .merge import prepare
+from .names import TE2_PATTERN, TE_PATTERN, strip_prefix
 
 TRIGGER_LIMIT = 10
 
 # Sections in the order a picture shows them (a model's forward order); others follow by name.
 SECTIONS = ("text encoder", "text encoder 2", "in", "down", "mid", "up", "out", "joint", "double", "single")
 
-_PREFIXES = ("base_model.model.", "lycoris_", "lora_unet_", "oft_unet_", "unet.", "model.diffusion_model.",
-             "diffusion_model.", "transformer.", "lora_transformer_")
-_TE2 = re.compile(r"^(lora_te2_|text_encoder_2[._]|clip_g[._]|te2[._])")
-_TE = re.compile(r"^(lora_te1?_|text_encoders?[._]|text_model[._]|clip_l[._]|te1?[._]|encoder[._]layers[._])")
 _BLOCKS = (  # (pattern on the name with '.' turned into '_', section, how the index becomes a level)
     (re.compile(r"^input_blocks_0(_|$)"), "in", None),  # LDM/SGM conv_in
     (re.compile(r"^input_blocks_(\d+)_"), "down", lambda i: (i - 1) // 3),  # 3 blocks per level
@@ -66,15 +63,6 @@ def rotation_distance(layer: BoftLayer, probes: int = 32, seed: int = 0) -> floa
     return math.sqrt(float(diff.double().pow(2).sum()) / probes / n)
 
 
-def strip_prefix(name: str) -> str:
-    """``name`` without the trainers' prefixes (``lycoris_``, ``lora_unet_``, ``base_model.model.``, ...)."""
-    stem = name
-    for prefix in _PREFIXES:
-        if stem.startswith(prefix):
-            stem = stem[len(prefix):]
-    return stem
-
-
 def block_of(name: str) -> tuple[str, int | None]:
     """(section, level) of a layer name: ``("up", 1)`` for ``lora_unet_up_blocks_1_attentions_0_...``.
 
@@ -84,9 +72,9 @@ def block_of(name: str) -> tuple[str, int | None]:
     / ``single`` (Flux), ``joint`` (SD3), else the first path component of the name.
     """
     stem = strip_prefix(name)
-    if _TE2.match(stem):
+    if TE2_PATTERN.match(stem):
         return "text encoder 2", None
-    if _TE.match(stem):
+    if TE_PATTERN.match(stem):
         return "text encoder", None
     flat = stem.replace(".", "_")
     for pattern, section, level in _BLOCKS:

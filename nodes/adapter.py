@@ -7,8 +7,9 @@ from comfy.weight_adapter.base import WeightAdapterBase
 
 from ..boft_core import BoftError, BoftLayer, apply, bias_delta, bypass, check_merge, check_weight, try_merge_into
 from ..boft_core.cache import PatchCache
-from ..boft_core.formats import PEFT_PREFIX, boft_r_layer, lycoris_layer
+from ..boft_core.formats import boft_r_layer, lycoris_layer
 from ..boft_core.guard import FREE_GAIN, check_rotations
+from ..boft_core.names import boft_r_kind
 
 # Every adapter of this process shares one cache of prepared layers, keyed by the token in its
 # weights: ComfyUI 0.28 rebuilds adapters (staging, dynamic VRAM) and a per-adapter cache would
@@ -74,8 +75,7 @@ class BOFTAdapter(WeightAdapterBase):
             layer = lycoris_layer("LoRA file", x, parts)
         elif f"{x}.boft_R" in lora:
             parts = {"boft_R": lora[f"{x}.boft_R"], "boft_s": lora.get(f"{x}.boft_s")}
-            kind = "peft-boft" if x.startswith(PEFT_PREFIX) else "kohya-boft"
-            layer = boft_r_layer("LoRA file", x, parts, kind)
+            layer = boft_r_layer("LoRA file", x, parts, boft_r_kind(x))
         else:
             return None
         check_rotations(layer, "LoRA file")  # blocks too large for a rotation: refused by the loader node

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 import comfy.lora
 
-TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
+from ..boft_core.names import PEFT_PREFIX, TE_ROOTS, UNDERSCORED_ROOTS, wan_native
 
 
 def key_maps(model=None, clip=None) -> tuple[dict, dict]:
@@ -20,15 +18,18 @@ def candidates(name: str):
     """Names ComfyUI's key maps may know this layer by, most specific first.
 
     Adds what the core maps miss: kohya OFT's ``oft_unet_`` names, PEFT ``base_model.model.`` and
-    diffusers ``unet.`` names with the new attention naming (``attn1.to_q``, ``to_out.0``), PEFT text-encoder names, and
-    transformers-5 text-encoder names without ``text_model`` (``lora_te_encoder_layers_...``).
+    diffusers ``unet.`` names with the new attention naming (``attn1.to_q``, ``to_out.0``), PEFT text-encoder names,
+    transformers-5 text-encoder names without ``text_model`` (``lora_te_encoder_layers_...``),
+    the model's native paths under any trainer's prefix (``transformer.``, ``lycoris_``,
+    ``lora_transformer_``: ComfyUI maps ``diffusion_model.<path>`` and ``lora_unet_<path>`` for every
+    model), and Wan in diffusers' naming (``blocks.0.attn1.to_q`` is ``blocks.0.self_attn.q``).
     """
     yield name
     if name.startswith("oft_unet_"):  # kohya sd-scripts networks.oft: its lora_unet_ names, renamed
         yield "lora_unet_" + name[len("oft_unet_"):]
         return
     path = name
-    for prefix in ("base_model.model.", "unet.", "transformer."):
+    for prefix in (PEFT_PREFIX, "unet.", "transformer."):
         if path.startswith(prefix):
             path = path[len(prefix):]
             yield path
@@ -45,13 +46,24 @@ def candidates(name: str):
             yield ("lora_te2_" if prefix == "text_encoder_2." else "lora_te_") + rest
             yield "lora_te1_" + rest
             return
-    for prefix in TE_PREFIXES:
+    for prefix in TE_ROOTS:
         if flat.startswith(prefix + "encoder_"):
             yield prefix + "text_model_" + flat[len(prefix):]
             return
-    if "." in path:
+    if "." in name:  # a dotted name (after any prefix the path may be one word: transformer.proj_out)
         yield "lora_unet_" + flat  # diffusers path; ComfyUI maps its underscored form
         yield "lycoris_" + flat
+        yield "diffusion_model." + path  # a native path under another prefix (0.3.75: also Z-Image's diffusers map)
+        if wan_native(path) != path:
+            yield "diffusion_model." + wan_native(path)  # Wan in diffusers' naming: ComfyUI maps none
+        return
+    for prefix in UNDERSCORED_ROOTS:  # a flattened native (or Wan diffusers) path: ComfyUI maps lora_unet_<it>
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            yield "lora_unet_" + rest
+            if wan_native(rest, "_") != rest:
+                yield "lora_unet_" + wan_native(rest, "_")
+            return
 
 
 def resolve(name: str, unet_map: dict, te_map: dict):
@@ -62,22 +74,3 @@ def resolve(name: str, unet_map: dict, te_map: dict):
         if candidate in te_map:
             return "clip", te_map[candidate]
     return None
-
-
-FAMILIES = (
-    (r"single_blocks|double_blocks|single_transformer_blocks|img_attn|txt_attn", "Flux"),
-    (r"joint_blocks|context_block", "SD3"),
-    (r"lora_te2_|text_encoder_2|input_blocks_[4578]_1_transformer_blocks_[1-9]|"
-     r"down_blocks_[12]_attentions_\d_transformer_blocks_[1-9]|add_embedding|label_emb", "SDXL"),
-    (r"input_blocks|output_blocks|down_blocks|up_blocks|middle_block|mid_block", "SD1.x/SD2.x"),
-    (r"text_model|encoder_layers|lora_te", "a text encoder only"),
-)
-
-
-def guess_family(names) -> str:
-    """The model family the adapter's layer names suggest, for error messages."""
-    text = " ".join(names)
-    for pattern, family in FAMILIES:
-        if re.search(pattern, text):
-            return family
-    return "an unknown family"

@@ -29,9 +29,11 @@ from ..boft_core import (
 from ..boft_core.blocks import BlockWeights, parse_block_weights
 from ..boft_core.formats import CONSTRAINTS, constraint_rule, resolve_path, target_name, with_constraint
 from ..boft_core.merge import fit
+from ..boft_core.names import guess_family
 from ..boft_core.stats import TRIGGER_LIMIT, trigger_text
 from .adapter import BOFTAdapter, BOFTBiasAdapter
-from .keymap import guess_family, key_maps, resolve
+from .host import check_host_patch, host_patches
+from .keymap import key_maps, resolve
 
 log = logging.getLogger("comfyui-boft")
 
@@ -251,20 +253,27 @@ def model_family(model) -> str:
 def plan_patches(boft_file: BoftFile, model, clip, mode: str, strength_model: float = 1.0,
                  strength_clip: float = 1.0, weights: BlockWeights | None = None):
     """Validated patches for model and clip, each layer's strength (its part's strength x its
-    block's weight), and the layers left out. Touches nothing: every layer's shape and merged
-    values (at its own strength) are checked first. A layer at strength 0 gets no patch."""
+    block's weight), the layers left out, and ``{layer: adapter kind}`` of a mixed file's other
+    layers, which the host's own adapters apply in the same patch set. Touches nothing: every
+    layer's shape and merged values (at its own strength) are checked first. A layer at strength
+    0 gets no patch."""
     unet_map, te_map = key_maps(model, clip)
     roots = {"model": model.model if model is not None else None,
              "clip": clip.cond_stage_model if clip is not None else None}
     patches = {"model": {}, "clip": {}}
     strengths = {"model": {}, "clip": {}}
     missing = []
+    owners = {}  # file layer -> (part, model weight, first row, end row)
     for name, layer in boft_file.layers.items():
         hit = resolve(target_name(layer), unet_map, te_map)
         if hit is None:
             missing.append(name)
             continue
         where, key = hit
+        if isinstance(key, tuple) and (len(key) > 2 or key[1] is None):
+            raise BoftError(f"{boft_file.path}: layer {name} maps onto the model's {key[0]} with its rows in "
+                            "another order (a function in ComfyUI's key map, e.g. swap_scale_shift); a rotation "
+                            "of the file's rows is no rotation of the model's, so it cannot be applied.")
         if layer.rows is not None:  # a part of a fused layer (kohya Flux): its rows of the target
             key = _rows_of(key, layer.rows)
         strength = (strength_model if where == "model" else strength_clip) * (
@@ -277,12 +286,43 @@ def plan_patches(boft_file: BoftFile, model, clip, mode: str, strength_model: fl
             check_merge(layer, strength, mode, _target(roots[where], key))
         except BoftError as e:
             raise BoftError(f"{boft_file.path}: {e} (model key {key})") from None
+        # aliases (0.28 maps Flux 1 and Flux 2 diffusers names, a whole weight and its row slices, to one weight)
+        weight_key = key[0] if isinstance(key, tuple) else key
+        start, stop = (key[1][1], key[1][1] + key[1][2]) if isinstance(key, tuple) else (0, float("inf"))
+        for other, (o_where, o_key, o_start, o_stop) in owners.items():
+            if (o_where, o_key) == (where, weight_key) and start < o_stop and o_start < stop:
+                raise BoftError(f"{boft_file.path}: layers {other} and {name} both adapt the model's {weight_key} "
+                                "(the same rows); one file may adapt a weight once.")
+        owners[name] = (where, weight_key, start, stop)
         patches[where][key] = BOFTAdapter.from_layer(layer, mode)
         strengths[where][key] = strength
         if layer.bias is not None and isinstance(key, str) and key.endswith(".weight"):
             bias_key = key[: -len("weight")] + "bias"
             patches[where][bias_key] = BOFTBiasAdapter(set(), (layer.bias,))
             strengths[where][bias_key] = strength
+    handed = {}  # file layer -> adapter kind, for the layers the host's adapters apply
+    host, host_layers, host_missing = host_patches(boft_file.path, boft_file.others, unet_map, te_map)
+    missing += host_missing
+    for key, patch in host.items():
+        if key not in host_layers:
+            continue  # a patch for a layer this model lacks (core's load_lora maps what it can)
+        name, _ = host_layers[key]
+        where = next((w for w in ("model", "clip") if roots[w] is not None and _has(roots[w], key)), None)
+        if where is None:
+            missing.append(name)
+            continue
+        strength = (strength_model if where == "model" else strength_clip) * (
+            weights.weight(name) if weights is not None else 1.0)
+        if strength == 0:
+            continue
+        if key in patches[where]:
+            raise BoftError(f"{boft_file.path}: layer {name} and a BOFT layer both change the model's {key}; "
+                            "one file may adapt a weight once.")
+        check_host_patch(boft_file.path, roots[where], key, patch, name)
+        patches[where][key] = patch
+        strengths[where][key] = strength
+        handed[name] = host_layers[key][1]
+    missing = sorted(set(missing), key=missing.index)
     if not patches["model"] and not patches["clip"]:
         family = guess_family(boft_file.layers)
         sample = ", ".join(list(boft_file.layers)[:3])
@@ -291,7 +331,16 @@ def plan_patches(boft_file: BoftFile, model, clip, mode: str, strength_model: fl
             f"this {'model' if clip is None else 'model or text encoder'}. The adapter likely "
             f"belongs to another base model: its layer names suggest {family}."
         )
-    return patches, strengths, missing
+    return patches, strengths, missing, handed
+
+
+def _has(root, key) -> bool:
+    """Whether ``root`` has the weight a patch key (a name, or (name, offset)) points at."""
+    try:
+        comfy.utils.get_attr(root, key[0] if isinstance(key, tuple) else key)
+    except AttributeError:
+        return False
+    return True
 
 
 def by_strength(patches: dict, strengths: dict) -> dict[float, dict]:
@@ -318,7 +367,7 @@ def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, uniq
     path = folder_paths.get_full_path_or_raise("loras", boft_name)
     boft_file = with_constraint(CACHE.get(path), constraint)
     use_clip = clip if (clip is not None and strength_clip != 0) else None
-    patches, strengths, missing = plan_patches(boft_file, model if strength_model != 0 else None, use_clip,
+    patches, strengths, missing, handed = plan_patches(boft_file, model if strength_model != 0 else None, use_clip,
                                                mode, strength_model, strength_clip, weights)
     how = {part: choose_apply(apply, root, [k for k, p in patches[part].items() if isinstance(p, BOFTAdapter)],
                               boft_name)
@@ -346,8 +395,12 @@ def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, uniq
               f"{applied} of {len(boft_file.layers)} layers")
     report += f" (model {sum(isinstance(p, BOFTAdapter) for p in patches['model'].values())}"
     report += f", clip {sum(isinstance(p, BOFTAdapter) for p in patches['clip'].values())})."
+    if handed:
+        kinds = sorted(set(handed.values()))
+        report += (f" {len(handed)} other layers applied by ComfyUI's own adapters ("
+                   + ", ".join(f"{kind} {list(handed.values()).count(kind)}" for kind in kinds) + ").")
     if weights is not None:
-        off = len(boft_file.layers) - applied - len(missing)
+        off = len(boft_file.layers) - applied - len([m for m in missing if m in boft_file.layers])
         report += f" block_weights {weights.text!r}"
         report += f": {off} layers at weight 0, left as they are." if off else "."
     if missing:
@@ -360,7 +413,7 @@ def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, uniq
     else:
         log.info(report)
     LAST_RUNS.record(unique_id, {"boft_name": boft_name, "applied": applied, "total": len(boft_file.layers),
-                                 "not_applied": missing, "report": report, "apply": used,
+                                 "not_applied": missing, "host": handed, "report": report, "apply": used,
                                  "apply_asked": apply, "constraint_rule": rule})
     return new_model, new_clip, report
 

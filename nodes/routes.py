@@ -36,8 +36,8 @@ from ..boft_core import BoftError, read_header
 from ..boft_core.blocks import EXAMPLES, PRESETS, accepted, describe_weights, family_of, parse_block_weights
 from ..boft_core.cli import describe
 from ..boft_core.formats import MAX_HEADER, detect_format, parse_header
+from ..boft_core.names import guess_family
 from ..boft_core.stats import group_stats, layer_stats, summary, trigger_text
-from .keymap import guess_family
 from .loader import last_run, parsed_file
 
 log = logging.getLogger("comfyui-boft")

@@ -131,11 +131,20 @@ def test_non_finite_and_missing_scale(tmp_path, boft_file):
 
 
 def test_leftover_keys_are_not_skipped_silently(tmp_path, boft_file):
+    """A mixed file: inspect lists the other adapter's layer; merge (BOFT only) refuses naming the key."""
     def extra(t):
         t["lora_te_x.lora_up.weight"] = torch.randn(4, 4)
 
     path = rewrite(boft_file, str(tmp_path / "mixed.safetensors"), extra)
-    assert_clean_failure(cli("inspect", path), "lora_te_x.lora_up.weight", "mixed")
+    result = cli("inspect", "--json", path)
+    assert result.returncode == 0, result.stderr
+    others = json.loads(result.stdout)["other_layers"]
+    assert others == [{"name": "lora_te_x", "kind": "lora", "keys": ["lora_te_x.lora_up.weight"]}]
+    base = str(tmp_path / "base.safetensors")
+    save_file({"proj.weight": torch.randn(64, 32)}, base)
+    result = cli("merge", base, path, "--out", str(tmp_path / "o.safetensors"))
+    assert_clean_failure(result, "lora_te_x.lora_up.weight", "mixed")
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_merge_into_the_wrong_model(tmp_path, boft_file):

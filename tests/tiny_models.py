@@ -256,6 +256,52 @@ def make_flux_checkpoint(path: str | os.PathLike, seed: int = 0, dtype: torch.dt
     return path
 
 
+# Today's DiT families, tiny, as ComfyUI builds them: the supported_models config its detection
+# picks for a real checkpoint -> model_base -> the ldm module, all the host's own classes, with
+# widths shrunk (heads of 32-64 channels, one or two blocks). {family: (config class, unet_config)}.
+TINY_DITS = {
+    "flux": ("Flux", dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
+                          hidden_size=128, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1,
+                          axes_dim=[16, 24, 24], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=False)),
+    "sd3.5": ("SD3", dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None, adm_in_channels=64,
+                          context_embedder_config={"target": "torch.nn.Linear",
+                                                   "params": {"in_features": 64, "out_features": 128}},
+                          num_patches=64, pos_embed_max_size=8, pos_embed_scaling_factor=None, qk_norm="rms",
+                          x_block_self_attn_layers=[])),  # SD3.5 Large: RMS q/k norms; depth 2 = 128 wide
+    "qwen-image": ("QwenImage", dict(image_model="qwen_image", in_channels=16, out_channels=16, num_layers=1,
+                                     attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64)),
+    "wan": ("WAN21_T2V", dict(image_model="wan2.1", model_type="t2v", dim=64, out_dim=16, num_heads=2, ffn_dim=128,
+                              num_layers=1, patch_size=(1, 2, 2), freq_dim=32, window_size=(-1, -1), qk_norm=True,
+                              cross_attn_norm=True, eps=1e-6, in_dim=16, text_dim=32)),
+}
+
+
+def tiny_dit(family: str, seed: int = 0):
+    """A ModelPatcher around a tiny ``TINY_DITS[family]`` model with seeded random float32 weights
+    (CPU). Built in process in ~0.1 s; ComfyUI's key maps see the real model_base class."""
+    import_comfy()
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    name, unet_config = TINY_DITS[family]
+    unet_config = dict(unet_config)
+    if family == "flux":
+        import dataclasses
+
+        from comfy.ldm.flux.model import FluxParams
+
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:
+            unet_config["txt_ids_dims"] = []  # 0.28: what its model detection sets for plain Flux
+    config = getattr(comfy.supported_models, name)(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "", device=torch.device("cpu"))
+    sd = _random_state_dict(model.diffusion_model, torch.Generator().manual_seed(seed), torch.float32,
+                            _fan_in_std(1.0))
+    model.diffusion_model.load_state_dict(sd, strict=True)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
 def make_kohya_lora(path: str | os.PathLike, ckpt_path: str | os.PathLike,
                     targets: tuple[str, ...] = ("attn1_to_q", "attn1_to_v"), *, diffusers_names: bool = True,
                     rank: int = 4, alpha: float = 2.0, seed: int = 0, std: float = 0.1) -> dict[str, str]:

@@ -44,6 +44,19 @@ function appliedAs(lastRun) {
   return lastRun.apply_asked === "auto" ? `${how} (auto)` : how;
 }
 
+/** A mixed file's other adapter kinds (LoRA, full diffs, ...): ComfyUI's own adapters apply them. */
+function otherAdapters(info, lastRun) {
+  const others = info.other_layers ?? [];
+  if (!others.length) return null;
+  const kinds = {};
+  for (const o of others) kinds[o.kind] = (kinds[o.kind] ?? 0) + 1;
+  const text = `${others.length} layers by ComfyUI's own adapters (${Object.entries(kinds).sort()
+    .map(([k, n]) => `${k} ${n}`).join(", ")})`;
+  const host = lastRun?.host;
+  return row("Other adapters", "other-layers",
+             host ? `${text} · last run applied ${Object.keys(host).length}` : text);
+}
+
 function triggerChips(info, limit) {
   const words = info.trigger_words ?? [];
   if (!words.length) return el("div", { class: "boft-muted" }, "No trigger words (no ss_tag_frequency).");
@@ -118,6 +131,7 @@ function render(root, state, large, setBlockWeights) {
        el("span", { class: "boft-muted", dataset: { field: "family" } }, ` · ${info.family}`)),
     row("Layers", "layers", coverage(info, lastRun)),
     appliedAs(lastRun) ? row("Applied as", "apply", appliedAs(lastRun)) : null,
+    otherAdapters(info, lastRun),
     notApplied.length ? row("Not applied", "not-applied", large ? notApplied.join(", ")
       : `${notApplied.slice(0, 3).join(", ")}${notApplied.length > 3 ? ` and ${notApplied.length - 3} more` : ""}`)
       : null,
