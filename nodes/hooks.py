@@ -89,7 +89,7 @@ class BoftWeightHook(comfy.hooks.WeightHook):
 
 
 class BOFTCreateHook(_Loader):
-    """Create Hook BOFT: HOOKS for SetClipHooks / SetModelHooksOnCond / Cond Set Props, schedulable
+    """Create Hook BOFT: HOOKS for Set CLIP Hooks / Cond Set Props, schedulable
     with ComfyUI's hook keyframe nodes."""
 
     CATEGORY = "advanced/hooks/create"
