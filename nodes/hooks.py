@@ -17,9 +17,9 @@ from types import SimpleNamespace
 import comfy.hooks
 import folder_paths
 
-from ..boft_core import MODES, BoftError, check_strength
+from ..boft_core import MODES, BoftError, check_mode, check_strength
 from .keymap import TE_PREFIXES, candidates
-from .loader import CACHE, MODE_TOOLTIP, _Loader, plan_patches
+from .loader import MODE_TOOLTIP, _Loader, parsed_file, plan_patches
 
 log = logging.getLogger("comfyui-boft")
 
@@ -56,7 +56,7 @@ class BoftWeightHook(comfy.hooks.WeightHook):
     def patches(self, patcher, clip: bool, strength: float) -> dict:
         """``{key: adapter}`` for the model (or CLIP) ``patcher``, every layer checked at
         every strength the keyframes will give it before anything is added."""
-        boft_file = CACHE.get(self.boft_path)
+        boft_file = parsed_file(self.boft_path)
         part = replace(boft_file, layers={n: layer for n, layer in boft_file.layers.items()
                                           if is_text_encoder_layer(n) == clip})
         if not part.layers:
@@ -117,14 +117,13 @@ class BOFTCreateHook(_Loader):
         }
 
     def create_hook(self, boft_name, strength_model, strength_clip, mode="lycoris", prev_hooks=None):
-        if mode not in MODES:
-            raise BoftError(f"unknown strength mode {mode!r}; expected one of {', '.join(MODES)}.")
+        check_mode(mode)
         strength_model = check_strength(strength_model, f"{boft_name}: strength_model")
         strength_clip = check_strength(strength_clip, f"{boft_name}: strength_clip")
         hooks = prev_hooks.clone() if prev_hooks is not None else comfy.hooks.HookGroup()
         if strength_model == 0 and strength_clip == 0:
             return (hooks,)
         path = folder_paths.get_full_path_or_raise("loras", boft_name)
-        CACHE.get(path)  # a bad file fails here, naming it, not later inside the sampler
+        parsed_file(path)  # a bad file fails here, naming it, not later inside the sampler
         hooks.add(BoftWeightHook(strength_model, strength_clip, path, boft_name, mode))
         return (hooks,)
