@@ -287,3 +287,33 @@ def test_rotation_cache_stays_bounded_over_200_strengths(comfy, pack, nh, sd15_c
     assert cache.counts["evicted"] - evicted >= (200 - 10) * len(tokens)
     assert not patcher.cached_hook_patches or len(patcher.cached_hook_patches) <= 1  # host keeps one set
     cache.clear()
+
+
+def test_create_hook_boft_bad_input_fails_clearly_and_touches_nothing(comfy, pack, nh, sd15_ckpt, loras_dir):
+    """A file for another base model fails when the sampler would register the hook (naming the
+    file and the family), a corrupt one when the node runs; the model keeps no hook patch and
+    its weights (restored as the sampler restores them after a failed registration)."""
+    from importlib import import_module
+
+    error = import_module(pack.__name__ + ".boft_core").BoftError
+    model = load_model(sd15_ckpt)
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    flux = loras_dir / "hook_flux_named.safetensors"
+    save_file({"lycoris_double_blocks_0_img_attn_qkv.oft_blocks": torch.randn(9, 256, 12, 12) * 0.01},
+              str(flux))
+    node = pack.NODE_CLASS_MAPPINGS["BOFTCreateHook"]()
+    hooks = node.create_hook(flux.name, 1.0, 0.0, "lycoris")[0]
+    kf = nh.CreateHookKeyframe().create_hook_keyframe(0.5, 0.5)[0]
+    hooks = nh.SetHookKeyframes().set_hook_keyframes(hooks, kf)[0]
+    patcher = model.clone()
+    target = comfy.hooks.create_target_dict(comfy.hooks.EnumWeightTarget.Model)
+    with pytest.raises(error, match=r"hook_flux_named.*another base model.*Flux"):
+        patcher.register_all_hook_patches(hooks, target)
+    patcher.restore_hook_patches()
+    assert not patcher.hook_patches
+    truncated = loras_dir / "hook_truncated.safetensors"
+    truncated.write_bytes(flux.read_bytes()[:100])
+    with pytest.raises(error, match="hook_truncated"):
+        node.create_hook(truncated.name, 1.0, 0.0, "lycoris")
+    for k, v in model.model.diffusion_model.state_dict().items():
+        assert torch.equal(v, before[k]), k

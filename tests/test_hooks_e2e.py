@@ -20,7 +20,7 @@ import pytest
 import tiny_models
 from comfy_host import PACK_NAME, REPO_ROOT, ComfyServer
 from lycoris_comfy import write_boft
-from test_e2e import MEAN_PIXEL_DIFF, SEED, assert_changed, assert_same, run_image
+from test_e2e import MEAN_PIXEL_DIFF, SEED, assert_changed, assert_same, pixels, run_image
 from test_hooks import peft_diffusers_adapter
 
 CKPT = "hooks_sd15.safetensors"
@@ -205,14 +205,18 @@ def test_example_hook_workflow_loads_in_the_front_end_and_runs(server, sd15, tmp
     assert prompt == demo.api_prompt(workflow, server.object_info())
     types = {node["class_type"] for node in prompt.values()}
     assert {"BOFTCreateHook", "CreateHookKeyframesInterpolated", "SetHookKeyframes", "SetClipHooks"} <= types
-    for node in prompt.values():  # small and quick on the CPU
+    # smaller and fewer keyframe changes on the CPU: each change re-merges every hooked layer
+    # (~25 s for the demo's 51 UNet layers on a busy 2-core machine)
+    for node in prompt.values():
         if node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=64, height=64)
         if node["class_type"] == "KSampler":
-            node["inputs"]["steps"] = 4
-    got = run_image(server, prompt)[0]
+            node["inputs"]["steps"] = 2
+        if node["class_type"] == "CreateHookKeyframesInterpolated":
+            node["inputs"]["keyframes_count"] = 2
+    (png,) = server.image_bytes(server.run(prompt, timeout=900))
     without = json.loads(json.dumps(prompt))
     for node in without.values():
         if node["class_type"] == "BOFTCreateHook":
             node["inputs"].update(strength_model=0.0, strength_clip=0.0)
-    assert_changed(got, run_image(server, without)[0], "the example's hook")
+    assert_changed(pixels(png), run_image(server, without)[0], "the example's hook")
