@@ -7,15 +7,18 @@ import comfy.weight_adapter
 
 from . import routes  # noqa: F401  (registers the front end's HTTP routes with ComfyUI's server)
 from .adapter import BOFTAdapter
+from .hooks import BOFTCreateHook
 from .loader import BOFTLoader, BOFTLoaderModelOnly
 
 NODE_CLASS_MAPPINGS = {
     "BOFTLoader": BOFTLoader,
     "BOFTLoaderModelOnly": BOFTLoaderModelOnly,
+    "BOFTCreateHook": BOFTCreateHook,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "BOFTLoader": "Load BOFT",
     "BOFTLoaderModelOnly": "Load BOFT (model only)",
+    "BOFTCreateHook": "Create Hook BOFT",
 }
 
 CORE_ADAPTER_ENV = "COMFYUI_BOFT_CORE_ADAPTER"
