@@ -129,6 +129,7 @@ class BOFTAdapter(WeightAdapterBase):
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
+        strength = float(strength)  # hooks pass a 0-dim tensor, which would key the caches by identity
         if weight.shape not in self._fits:
             try:
                 check_weight(self.layer(), weight.shape)

@@ -76,7 +76,7 @@ class BoftWeightHook(comfy.hooks.WeightHook):
                 raise BoftError(f"{where}: {e}") from None
             if planned is None:
                 planned = got
-        patches, _, missing = planned
+        patches, _, missing, _ = planned  # a mixed file's other layers are among the patches
         where = "clip" if clip else "model"
         report = (f"BOFT hook {os.path.basename(self.boft_name)} ({boft_file.format}, {self.boft_mode}): "
                   f"{len(patches[where])} patches on the {where}")
