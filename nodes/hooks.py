@@ -18,7 +18,8 @@ import comfy.hooks
 import folder_paths
 
 from ..boft_core import MODES, BoftError, check_mode, check_strength
-from .keymap import TE_PREFIXES, candidates
+from ..boft_core.names import TE_ROOTS
+from .keymap import candidates
 from .loader import MODE_TOOLTIP, _Loader, parsed_file, plan_patches
 
 log = logging.getLogger("comfyui-boft")
@@ -26,7 +27,7 @@ log = logging.getLogger("comfyui-boft")
 
 def is_text_encoder_layer(name: str) -> bool:
     """Whether a layer name is a text encoder's (what ComfyUI's CLIP key map would know it by)."""
-    return any(c.startswith(TE_PREFIXES) for c in candidates(name))
+    return any(c.startswith(TE_ROOTS) for c in candidates(name))
 
 
 class BoftWeightHook(comfy.hooks.WeightHook):

@@ -343,7 +343,7 @@ def test_example_workflow_is_served_and_runs_as_the_front_end_would(server):
     prompt = demo.api_prompt(workflow, server.object_info())
     assert prompt["2"] == {"class_type": "BOFTLoader", "inputs": {
         "model": ["1", 0], "clip": ["1", 1], "boft_name": demo.BOFT, "strength_model": 1.0,
-        "strength_clip": 1.0, "mode": "lycoris", "block_weights": ""}}
+        "strength_clip": 1.0, "mode": "lycoris", "block_weights": "", "apply": "auto", "constraint": "auto"}}
     assert prompt["3"]["inputs"]["clip"] == ["2", 1] and prompt["6"]["inputs"]["model"] == ["2", 0]
 
     chromium = shutil.which(os.environ.get("BOFT_CHROMIUM") or "chromium")
@@ -543,7 +543,7 @@ def test_flux_diffusers_names_patch_row_slices_of_fused_qkv(comfy, pack, loras, 
     first = node.load_boft(patcher, lyco.name, s_lyco, "lycoris")
     second = node.load_boft(first["result"][0], kohya.name, 1.0, "lycoris")
     assert "applied 2 of 2" in first["ui"]["boft_report"][0]
-    assert "(kohya-boft, lycoris): applied 1 of 1" in second["ui"]["boft_report"][0]
+    assert "(kohya-boft, lycoris, merge): applied 1 of 1" in second["ui"]["boft_report"][0]
     patched = second["result"][0]
     assert set(patched.patches) == {"diffusion_model." + img_key, "diffusion_model." + txt_key}
     got = patched_weights(comfy, patched, {*base, *(k.replace("weight", "bias") for k in base)})

@@ -432,9 +432,9 @@ def test_panel_shows_the_numbers(view, server):
     assert got["meta:ss_output_name"] == "wtrclr-boft"
     chips = panel(view, node_id).locator(".boft-chip").evaluate_all("(cs) => cs.map((c) => c.textContent)")
     assert chips == ["wtrclr style60", "mountain15", "forest11", "lake9"]
-    # The panel is not a widget value: saved workflows keep the loader's four values.
+    # The panel is not a widget value: saved workflows keep the loader's own values.
     assert view.page.evaluate("(id) => __boftTest.node(id).serialize().widgets_values", node_id) == [
-        DEMO, 1, 1, "lycoris", ""]
+        DEMO, 1, 1, "lycoris", "", "auto", "auto"]
     view.shot("02-panel", node_clip(view, node_id))
     only = fresh_node(view, "BOFTLoaderModelOnly", OTHER)
     assert fields(view, only)["meta:ss_output_name"] == "other"
@@ -557,7 +557,7 @@ def test_preset_picker_fills_block_weights_and_the_picture_follows(view):
     page.wait_for_function("(id) => __boftTest.node(id).boftPanel.state.info?.block_weights?.text === 'INALL'",
                            arg=node_id, timeout=10_000)
     wait_panel(view, node_id)
-    assert page.evaluate("(id) => __boftTest.node(id).serialize().widgets_values", node_id)[-1] == "INALL"
+    assert page.evaluate("(id) => __boftTest.node(id).serialize().widgets_values", node_id)[4] == "INALL"
     shown = dict(part.rsplit(" ", 1) for part in fields(view, node_id)["block-weights"].split(" · "))
     assert shown == {"BASE": "1", "IN01": "1", "M00": "0", "OUT00": "0", "OUT01": "0"}, shown  # LBW: OUT00-02 not in 17
     # the picture is redrawn after the panel's state changes: poll it (up to 10 s) before asserting
@@ -569,7 +569,7 @@ def test_preset_picker_fills_block_weights_and_the_picture_follows(view):
     page.wait_for_function("(id) => __boftTest.node(id).boftPanel.state.info?.block_weights?.kind === 'all'",
                            arg=node_id, timeout=10_000)
     wait_panel(view, node_id)
-    assert page.evaluate("(id) => __boftTest.node(id).serialize().widgets_values", node_id)[-1] == ""
+    assert page.evaluate("(id) => __boftTest.node(id).serialize().widgets_values", node_id)[4] == ""
     assert fields(view, node_id)["block-weights"] == "every block at 1"
     # Not asserted: that the picture's "up" bars come back in full colour after the reset. At the
     # end of the session that redraw was seen to fail (0 "up" pixels for 10 s), order-dependently
