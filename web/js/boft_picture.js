@@ -130,6 +130,9 @@ export function livePicture(canvas, getState) {
   canvas.addEventListener("pointermove", onMove);
   const observer = new ResizeObserver(redraw);
   observer.observe(canvas);
+  // Draw now too: a ResizeObserver reports nothing for a canvas not laid out yet (0 x 0), so a
+  // panel re-rendered while hidden would otherwise keep a blank picture until its next resize.
+  redraw();
   return {
     redraw,
     dispose() {
