@@ -463,8 +463,9 @@ def test_panel_fits_in_the_node(view):
     assert got["inside"], got
     assert got["scroll"] > got["client"], got  # the metadata does not fit: the panel scrolls
     assert 300 <= got["height"] <= got["want"] + 2, got
-    # the title, slots, five other widgets (block_weights among them) and a badge; not the whole panel
-    assert got["node"] < got["want"] + 330, got
+    # the title, slots, seven other widgets (block_weights, apply and constraint among them) and a
+    # badge; not the whole panel
+    assert got["node"] < got["want"] + 410, got
     view.shot("03-panel-fits", node_clip(view, node_id))
     if view.vue:
         assert abs(got["height"] - got["want"]) <= 1, got
