@@ -330,6 +330,28 @@ def test_block_weights_equal_a_checkpoint_merged_per_block(server, sd15, loras):
     assert "12 values. For SD1.x/SD2.x models it accepts" in message and "17 or 26" in message, message
 
 
+def front_end_prompt(server, workflow: dict) -> dict:
+    """The API prompt the real front end (headless Chromium) queues for a UI-format ``workflow``,
+    without the front end's ``_meta`` titles."""
+    chromium = shutil.which(os.environ.get("BOFT_CHROMIUM") or "chromium")
+    if chromium is None:
+        pytest.fail("no Chromium (Debian package 'chromium'); run scripts/setup.sh")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(server.url)
+            page.wait_for_function("() => window.app?.graph && app.extensions?.some((e) => e.name.startsWith("
+                                   "'comfyui-boft'))", timeout=90_000)
+            prompt = page.evaluate("async (wf) => { await app.loadGraphData(wf); "
+                                   "return (await app.graphToPrompt()).output; }", workflow)
+        finally:
+            browser.close()
+    return {node_id: {k: v for k, v in node.items() if k != "_meta"} for node_id, node in prompt.items()}
+
+
 def test_example_workflow_is_served_and_runs_as_the_front_end_would(server):
     """example_workflows/boft_demo.json is a UI-format template ComfyUI serves for this pack; the
     real front end (headless Chromium) loads it and queues exactly the API prompt that the demo's
@@ -346,23 +368,7 @@ def test_example_workflow_is_served_and_runs_as_the_front_end_would(server):
         "strength_clip": 1.0, "mode": "lycoris", "block_weights": "", "apply": "auto", "constraint": "auto"}}
     assert prompt["3"]["inputs"]["clip"] == ["2", 1] and prompt["6"]["inputs"]["model"] == ["2", 0]
 
-    chromium = shutil.which(os.environ.get("BOFT_CHROMIUM") or "chromium")
-    if chromium is None:
-        pytest.fail("no Chromium (Debian package 'chromium'); run scripts/setup.sh")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page()
-            page.goto(server.url)
-            page.wait_for_function("() => window.app?.graph && app.extensions?.some((e) => e.name.startsWith("
-                                   "'comfyui-boft'))", timeout=90_000)
-            queued = page.evaluate("async (wf) => { await app.loadGraphData(wf); "
-                                   "return (await app.graphToPrompt()).output; }", workflow)
-        finally:
-            browser.close()
-    assert {node_id: {k: v for k, v in node.items() if k != "_meta"} for node_id, node in queued.items()} == prompt
+    assert front_end_prompt(server, workflow) == prompt
 
 
 # ------------------------------------------------------------------------------------ bad input

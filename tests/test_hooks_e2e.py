@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 import tiny_models
 from comfy_host import PACK_NAME, REPO_ROOT, ComfyServer
 from lycoris_comfy import write_boft
-from test_e2e import MEAN_PIXEL_DIFF, SEED, assert_changed, assert_same, pixels, run_image
+from test_e2e import MEAN_PIXEL_DIFF, SEED, assert_changed, assert_same, front_end_prompt, pixels, run_image
 from test_hooks import peft_diffusers_adapter
 
 CKPT = "hooks_sd15.safetensors"
@@ -185,23 +184,7 @@ def test_example_hook_workflow_loads_in_the_front_end_and_runs(server, sd15, tmp
     workflow = server.get(f"/api/workflow_templates/{PACK_NAME}/boft_hooks.json")
     assert workflow == json.loads(EXAMPLE.read_text())
 
-    chromium = shutil.which(os.environ.get("BOFT_CHROMIUM") or "chromium")
-    if chromium is None:
-        pytest.fail("no Chromium (Debian package 'chromium'); run scripts/setup.sh")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page()
-            page.goto(server.url)
-            page.wait_for_function("() => window.app?.graph && app.extensions?.some((e) => e.name.startsWith("
-                                   "'comfyui-boft'))", timeout=90_000)
-            prompt = page.evaluate("async (wf) => { await app.loadGraphData(wf); "
-                                   "return (await app.graphToPrompt()).output; }", workflow)
-        finally:
-            browser.close()
-    prompt = {node_id: {k: v for k, v in node.items() if k != "_meta"} for node_id, node in prompt.items()}
+    prompt = front_end_prompt(server, workflow)
     assert prompt == demo.api_prompt(workflow, server.object_info())
     types = {node["class_type"] for node in prompt.values()}
     assert {"BOFTCreateHook", "CreateHookKeyframesInterpolated", "SetHookKeyframes", "SetClipHooks"} <= types
