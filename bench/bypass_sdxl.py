@@ -5,7 +5,9 @@ LyCORIS BOFT on every layer ``bench.py`` uses (794 layers at lora_dim 16), injec
 0.28's own ``BypassInjectionManager`` with the pack's adapter, as ``LoraLoaderBypass`` and our
 loader's ``apply=bypass`` do. Latent 128x128, batch 1, one UNet forward (no sampler, no VAE).
 
-Measured (CUDA events, median of ``--runs``): the plain forward; the forward in bypass mode;
+Measured (CUDA events, median of ``--runs``): the plain forward; the plain forward with every
+adapted layer's output read and written once more (``touch``: the floor of any rotation that runs
+as its own kernel after the layer); the forward in bypass mode;
 the first forward after a strength change (new adapters at a new strength: every rotation is
 prepared during that forward, lazily per layer, or before it in one batched pass, as our loader
 does on a GPU). Example::
@@ -49,6 +51,31 @@ def inject(net, adapters, strength):
     (injection,) = manager.create_injections(net)
     injection.inject(None)
     return injection
+
+
+class NullAdapter:
+    """An adapter whose bypass_forward is the layer itself (see ``hook_only_ms``)."""
+
+    weights = ()
+
+    def bypass_forward(self, org_forward, x, *args, **kwargs):
+        return org_forward(x, *args, **kwargs)
+
+
+def python_profile(fn, top=18):
+    """cProfile of one call of ``fn``: the functions with the most time of their own."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    sync()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
 
 
 def sync():
@@ -110,6 +137,25 @@ def main(argv=None):
            "latent": [1, 4, size, size]}
     res["plain_ms"], res["plain_all"] = timed(forward, args.runs, warmup=3)
     plain_out = forward().float()
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            forward()
+            sync()
+        res["plain_gpu_ms"] = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    # The host's own bypass hook around every layer with an adapter that does nothing: the floor
+    # of any adapter's bypass_forward in this host.
+    null = inject(net, {layer.key: NullAdapter() for layer in layers}, 1.0)
+    res["hook_only_ms"], _ = timed(forward, args.runs)
+    null.eject(None)
+    # The floor of any rotation run as its own kernel after the layer: one read and one write
+    # of every adapted layer's output (an in-place multiply by 1 in a forward hook).
+    modules = dict(unet.named_modules())
+    hooks = [modules[layer.name].register_forward_hook(lambda mod, inp, out: out.mul_(1.0)) for layer in layers]
+    res["touch_ms"], _ = timed(forward, args.runs)
+    for hook in hooks:
+        hook.remove()
 
     adapter_cls = type(next(iter(adapters_for(comfy, layers[:1]).values())))
     cache = sys.modules[adapter_cls.__module__].CACHE
@@ -124,6 +170,8 @@ def main(argv=None):
             forward()
             sync()
         res["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+        res["bypass_gpu_ms"] = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    res["python_profile"] = python_profile(forward)
     res["bypass_changed_output_rel"] = ((out.float() - plain_out).norm() / plain_out.norm()).item()
     injection.eject(None)
     # a strength change with the batched preparation our loader runs on a GPU before sampling
@@ -134,11 +182,15 @@ def main(argv=None):
     res["bypass_ms_s07"], _ = timed(forward, args.runs)
     injection.eject(None)
     res["plain_ms_after"], _ = timed(forward, args.runs)
-    res["overhead_pct"] = 100 * (res["bypass_ms"] / min(res["plain_ms"], res["plain_ms_after"]) - 1)
+    plain = min(res["plain_ms"], res["plain_ms_after"])
+    res["overhead_pct"] = 100 * (res["bypass_ms"] / plain - 1)
+    res["touch_overhead_pct"] = 100 * (res["touch_ms"] / plain - 1)
+    res["hook_only_overhead_pct"] = 100 * (res["hook_only_ms"] / plain - 1)
     res["cache_counts"] = dict(cache.counts)
     if device.type == "cuda":
         res["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(res.pop("profile", ""))
+    print(res.pop("python_profile", ""))
     print(json.dumps({k: v for k, v in res.items() if not k.endswith("_all")}, indent=1))
     if args.json:
         with open(args.json, "w") as f:

@@ -40,6 +40,7 @@ behind the defaults are in its docstring.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -83,6 +84,22 @@ def contiguous_rows(x: torch.Tensor) -> torch.Tensor | None:
     if flat is None or (flat.stride(1) != 1 and flat.shape[1] > 1):
         return None
     return flat
+
+
+def _channels_view(y: torch.Tensor, channel_dim: int) -> torch.Tensor | None:
+    """``y`` as (batch, channels, rest) without a copy, or None: channels last (a linear layer's
+    activations) gives (1, C, tokens) with unit channel stride; channels at ``channel_dim`` of an
+    NCHW-like tensor gives (N, C, H*W)."""
+    if y.ndim < 1:
+        return None
+    channel_dim %= y.ndim
+    n = y.shape[channel_dim]
+    try:
+        if channel_dim == y.ndim - 1:
+            return y.view(-1, n).t().unsqueeze(0)
+        return y.view(math.prod(y.shape[:channel_dim]), n, -1)
+    except RuntimeError:
+        return None
 
 
 def kernel_takes(x: torch.Tensor) -> bool:
@@ -133,6 +150,21 @@ def _self_test(device) -> bool:
             error = ((got - want).norm() / want.norm()).item()
             if not error < 1e-3:
                 raise RuntimeError(f"float16: relative error {error:.3g} against float64")
+            # the bypass's launches: channels-last activations (unit row stride), a batch of
+            # NCHW ones, minus and plus a bias, into another tensor
+            bias = torch.randn(160, generator=gen, dtype=torch.float64)
+            for y in (torch.randn(2, 5, 160, generator=gen, dtype=torch.float64).view(1, 10, 160).transpose(1, 2),
+                      torch.randn(2, 160, 7, generator=gen, dtype=torch.float64)):
+                flat = y.transpose(0, 1).reshape(160, -1)
+                want = apply_stages(flat - bias[:, None], rotations, layout) + bias[:, None]
+                src = y.float().to(device)
+                dst = torch.empty_like(src)
+                b = bias.float().to(device)
+                plan._triton(src, dst, None, b, b)
+                got = dst.transpose(0, 1).reshape(160, -1).double().cpu()
+                error = ((got - want).norm() / want.norm()).item()
+                if not error < 1e-5:
+                    raise RuntimeError(f"activations: relative error {error:.3g} against float64")
         return True
     except Exception as e:  # an environment problem, not bad input: the torch path is correct
         logging.getLogger(__name__).warning(
@@ -189,6 +221,34 @@ def _pack(blocks: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     for b, off in zip(blocks, offsets, strict=True):
         storage[off:off + b.numel()] = b.reshape(-1)
     return storage, offsets
+
+
+class _Call:
+    """One call shape of :meth:`FusedButterfly.apply_channels`, worked out once: the launches with
+    their blocks sliced out, which tensor each reads and writes (0 the input, 1 the output, 2 the
+    float32 scratch, or the output itself when there is none), and the scratch's size; or, for
+    activations past the scratch budget, the general column-sliced path (``sliced``)."""
+
+    __slots__ = ("steps", "scratch", "sliced")
+
+    def __init__(self, steps, scratch: int, sliced=None):
+        self.steps, self.scratch, self.sliced = steps, scratch, sliced
+
+    def __call__(self, plan: FusedButterfly, y: torch.Tensor, dst: torch.Tensor, sub, add) -> None:
+        if self.sliced is not None:
+            channel_dim, scratch_elems = self.sliced
+            plan._triton(_channels_view(y, channel_dim), _channels_view(dst, channel_dim), scratch_elems, sub, add)
+            return
+        tensors = (y, dst, torch.empty(self.scratch, dtype=torch.float32, device=y.device) if self.scratch else dst)
+        for launch, blocks, reads, writes, subtracts, adds in self.steps:
+            launch.run(tensors[reads], tensors[writes], blocks, sub if subtracts else blocks, add if adds else blocks)
+
+
+def _vector_key(v: torch.Tensor | None):
+    """What a per-row vector's launches depend on (None: no vector)."""
+    if v is None:
+        return None
+    return (v.shape, v.stride(), v.dtype, v.device, v.data_ptr() % 16)
 
 
 class FusedButterfly:
@@ -249,6 +309,7 @@ class FusedButterfly:
             run._idx[idx.device] = idx
             self.runs.append(run)
         self._launch = {}  # launch key -> list of prepared launches; shared by with_storage copies
+        self._calls = {}  # apply_channels' call shapes (they hold this plan's blocks: never shared)
 
     def blocks(self, j: int, storage: torch.Tensor | None = None) -> torch.Tensor:
         """Run ``j``'s blocks (count, d, d): a view of ``storage`` (default the plan's)."""
@@ -263,7 +324,7 @@ class FusedButterfly:
             raise ValueError(f"storage of shape {tuple(storage.shape)}, the plan's is {tuple(self.storage.shape)}")
         other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)
-        other.storage = storage
+        other.storage, other._calls = storage, {}
         return other
 
     def split(self, parts: int) -> list[FusedButterfly]:
@@ -288,7 +349,7 @@ class FusedButterfly:
             off += size
         template = object.__new__(type(self))
         template.__dict__.update(self.__dict__)
-        template.n, template.runs, template._launch = n, runs, {}
+        template.n, template.runs, template._launch, template._calls = n, runs, {}, {}
         template.storage = storage[0]
         return [template.with_storage(storage[i]) for i in range(parts)]
 
@@ -300,7 +361,7 @@ class FusedButterfly:
         other.__dict__.update(self.__dict__)
         other.precision = self.precision if precision is None else precision
         other.tuning = self.tuning if tuning is None else tuning
-        other._launch = {}
+        other._launch, other._calls = {}, {}
         return other
 
     # --- applying -----------------------------------------------------------------------------
@@ -365,43 +426,121 @@ class FusedButterfly:
             raise ValueError("the Triton path needs Triton, float32 blocks and an x on the plan's CUDA "
                              f"device in {', '.join(map(str, KERNEL_DTYPES))} whose rows are contiguous "
                              "lines (x.view(n, -1).stride(1) == 1)")
-        cols = flat.shape[1]
-        if cols == 0:
-            return x
+        self._triton(flat.unsqueeze(0), flat.unsqueeze(0), scratch_elems)
+        return x
+
+    def apply_channels(self, y: torch.Tensor, channel_dim: int, out: torch.Tensor | None = None,
+                       sub: torch.Tensor | None = None, add: torch.Tensor | None = None,
+                       scratch_elems: int | None = None) -> torch.Tensor | None:
+        """``S B (y - sub) + add`` on the channel axis of ``y`` (any float dtype, any layout whose
+        dimensions before and after the channels each form one block: channels-last
+        activations, NCHW ones), with the Triton kernel: one launch per run, reading ``y``'s
+        memory as it lies (no transpose, no gather). Written into ``out`` (default ``y`` itself;
+        same shape and dtype as ``y``, any such layout); ``sub``/``add``: optional per-channel
+        vectors (n,), any float dtype. Computed in float32, rounded once (a half-precision ``y``
+        of several runs goes through a float32 scratch of at most ``scratch_elems`` elements,
+        default ``SCRATCH_ELEMS``). Returns ``out``, or None, having done nothing, when the kernel
+        cannot take these tensors (no Triton or CUDA, another device, a layout that only a copy
+        could bring to (batch, n, cols), autograd, failed self-test); then use the torch path.
+
+        This runs once per layer and forward in bypass mode, where the Python around the kernels
+        is most of the cost: what a call shape needs (views, checks, launches, the scratch's
+        size) is worked out once and kept (:class:`_Call`)."""
+        dst = y if out is None else out
+        key = (y.shape, y.stride(), dst.shape, dst.stride(), y.dtype, dst.dtype, y.device, dst.device,
+               channel_dim, y.data_ptr() % 16, dst.data_ptr() % 16, y.data_ptr() == dst.data_ptr(),
+               _vector_key(sub), _vector_key(add), scratch_elems)
+        call = self._calls.get(key, False)
+        if call is False:
+            if len(self._calls) >= 64:  # activation shapes seen by one layer: a few per resolution
+                self._calls.clear()
+            call = self._calls[key] = self._call(y, dst, channel_dim, sub, add, scratch_elems)
+        if call is None or (torch.is_grad_enabled() and (y.requires_grad or dst.requires_grad)):
+            return None
+        call(self, y, dst, sub, add)
+        return dst
+
+    def _call(self, y, dst, channel_dim, sub, add, scratch_elems) -> _Call | None:
+        """What :meth:`apply_channels` does for this call shape, or None if the kernel cannot."""
+        src_view, dst_view = _channels_view(y, channel_dim), _channels_view(dst, channel_dim)
+        if (src_view is None or dst_view is None or src_view.shape != dst_view.shape or dst.dtype != y.dtype
+                or src_view.shape[1] != self.n or self.storage.dtype != torch.float32
+                or y.device != self.storage.device or dst.device != y.device or y.dtype not in KERNEL_DTYPES
+                or not available()
+                or any(v is not None and (v.shape != (self.n,) or v.device != y.device or not v.is_contiguous()
+                                          or v.dtype not in KERNEL_DTYPES) for v in (sub, add))):
+            return None
+        ok = _VERIFIED.get(y.device)
+        if ok is None:
+            ok = _VERIFIED[y.device] = _self_test(y.device)
+        if not ok:
+            return None
+        if src_view.shape[2] == 0 or src_view.shape[0] == 0:
+            return _Call([], 0)
+        several_half = len(self.runs) > 1 and y.dtype != torch.float32
+        budget = SCRATCH_ELEMS if scratch_elems is None else scratch_elems
+        if several_half and src_view.numel() > budget:
+            return _Call(None, 0, (channel_dim, scratch_elems))  # column slices: the general path
+        tmp_view = torch.empty_like(src_view, dtype=torch.float32) if several_half else dst_view
+        launches = self._launches(src_view, tmp_view, dst_view, src_view.shape[2], sub, add)
+        last = len(launches) - 1
+        steps = [(launch, self.storage[launch.offset:launch.offset + launch.size],
+                  0 if j == 0 else 2, 1 if j == last else 2, j == 0 and sub is not None,
+                  j == last and add is not None)
+                 for j, launch in enumerate(launches)]
+        return _Call(steps, src_view.numel() if several_half else 0)
+
+    def _triton(self, src: torch.Tensor, dst: torch.Tensor, scratch_elems: int | None,
+                sub: torch.Tensor | None = None, add: torch.Tensor | None = None) -> None:
+        """The runs from ``src`` into ``dst`` ((batch, n, cols) views, any strides; the same
+        tensor in place): run 0 reads ``src`` (minus ``sub``), the last writes ``dst`` (plus
+        ``add``); between runs a half-precision tensor goes through a float32 scratch, a column
+        slice at a time."""
+        cols = src.shape[2]
+        if cols == 0 or src.shape[0] == 0:
+            return
         storage = self.storage
-        if flat.dtype == torch.float32 or len(self.runs) == 1:
-            for launch in self._launches(flat, flat, cols):
-                launch(flat, flat, storage)
-            return x
+        if len(self.runs) == 1 or dst.dtype == torch.float32:  # run 0 src -> dst, then dst in place
+            for j, launch in enumerate(self._launches(src, dst, dst, cols, sub, add)):
+                launch(src if j == 0 else dst, dst, storage, sub, add)
+            return
         # several runs on float16/bfloat16: float32 between runs, a column slice at a time
         budget = SCRATCH_ELEMS if scratch_elems is None else scratch_elems
-        step = max(64, budget // self.n // 64 * 64)  # multiples of 64 keep slices 16-byte aligned
-        scratch = torch.empty(self.n, min(step + 63, cols), dtype=torch.float32, device=flat.device)
+        per_col = self.n * src.shape[0]
+        step = max(64, budget // per_col // 64 * 64)  # multiples of 64 keep slices 16-byte aligned
         c0 = 0
         while c0 < cols:
             width = step if cols - c0 - step >= 64 else cols - c0  # no slice narrower than 64
-            src = flat[:, c0:c0 + width]
-            tmp = scratch[:, :width]
-            launches = self._launches(src, tmp, width)
+            part, into = src[:, :, c0:c0 + width], dst[:, :, c0:c0 + width]
+            tmp = torch.empty_like(part, dtype=torch.float32)  # part's layout if dense, else contiguous
+            launches = self._launches(part, tmp, into, width, sub, add)
             last = len(launches) - 1
             for j, launch in enumerate(launches):
-                launch(src if j == 0 else tmp, src if j == last else tmp, storage)
+                launch(part if j == 0 else tmp, into if j == last else tmp, storage, sub, add)
             c0 += width
-        return x
 
-    def _launches(self, src: torch.Tensor, dst: torch.Tensor, cols: int) -> list:
-        """The launches for one call shape: run 0 reads ``src`` and writes ``dst`` (the same
-        tensor for in-place plans), later runs read and write ``dst``, the last writes ``src``
-        when they differ (a scratch in between)."""
-        key = (cols, src.stride(0), dst.stride(0), src.dtype, dst.dtype, src.device,
-               src.data_ptr() % 16 == 0, dst.data_ptr() % 16 == 0, src.data_ptr() == dst.data_ptr())
+    def _launches(self, src: torch.Tensor, tmp: torch.Tensor, dst: torch.Tensor, cols: int,
+                  sub: torch.Tensor | None = None, add: torch.Tensor | None = None) -> list:
+        """The launches for one call shape ((batch, n, cols) views): run 0 reads ``src`` (minus
+        ``sub``), later runs read ``tmp``; the last writes ``dst`` (plus ``add``), earlier ones
+        ``tmp`` (all one tensor for in-place plans)."""
+        def strides(t):
+            return (t.stride(1), t.stride(2), t.stride(0))
+
+        def flags(t):
+            return None if t is None else (t.dtype, t.data_ptr() % 16 == 0)
+
+        key = (cols, src.shape[0], strides(src), strides(tmp), strides(dst), src.dtype, tmp.dtype, dst.dtype,
+               src.device, src.data_ptr() % 16 == 0, tmp.data_ptr() % 16 == 0, dst.data_ptr() % 16 == 0,
+               flags(sub), flags(add))
         launches = self._launch.get(key)
         if launches is None:
             last = len(self.runs) - 1
-            s, t = src.stride(0), dst.stride(0)
             launches = self._launch[key] = [
-                _kernel_launch(run.geometry, run.count, run.d, run.padded, run.offset, cols, s if j == 0 else t,
-                               s if j == last and j > 0 else t, self.precision, self.tuning)
+                _kernel_launch(run.geometry, run.count, run.d, run.padded, run.offset, cols,
+                               strides(src if j == 0 else tmp), strides(dst if j == last else tmp),
+                               self.precision, self.tuning, batch=src.shape[0],
+                               sub=j == 0 and sub is not None, add=j == last and add is not None)
                 for j, run in enumerate(self.runs)]
         return launches
 

@@ -68,9 +68,14 @@ DEFAULT_TUNING = KernelTuning()
 
 
 def launch(geometry: tuple[int, int, int], count: int, d: int, padded: int, offset: int, cols: int,
-           stride_in: int, stride_out: int, precision: str, tuning: KernelTuning) -> Launch:
+           strides_in: tuple[int, int, int], strides_out: tuple[int, int, int], precision: str,
+           tuning: KernelTuning, batch: int = 1, sub: bool = False, add: bool = False) -> Launch:
     """The launch of one run (``count`` blocks of ``d x d``, padded to ``padded``, at ``offset`` in
-    the storage; ``geometry`` as ``fused.Run``'s) over ``cols`` columns."""
+    the storage; ``geometry`` as ``fused.Run``'s) over ``cols`` columns of ``batch`` matrices.
+    ``strides_in``/``strides_out``: (row, column, batch) strides of what the run reads and writes
+    (a weight: (row stride, 1, 0); channels-last activations: (1, channels, ...)). ``sub``/``add``:
+    the run subtracts a per-row vector from what it reads / adds one to what it writes (the
+    bypass's bias)."""
     bn, warps = tuning.tile(precision, padded)
     tiles = triton.cdiv(cols, bn)
     if tuning.programs > 0:
@@ -80,14 +85,17 @@ def launch(geometry: tuple[int, int, int], count: int, d: int, padded: int, offs
     else:
         chunks, per = tiles, 1
     inner, size, unit = geometry
-    consts = {"INNER": inner, "SIZE": size, "UNIT": unit, "d": d, "D": padded, "BN": bn, "TPP": per}
+    consts = {"d": d, "D": padded, "BN": bn, "TPP": per, "SUB": sub, "ADD": add}
     if precision == "fma":
         kernel = _run_kernel_fma
     else:
         kernel = _run_kernel
         consts["PREC"] = precision
-    return Launch(kernel, (count, chunks, 1), (cols, stride_in, stride_out), consts, warps, tuning.stages,
-                  offset, count * d * d)
+    # The geometry is passed as numbers, not compiled in: a kernel per (d, dtypes, strides' kind)
+    # serves every layer shape (the first forward of a bypass compiles a handful, not dozens).
+    ints = (cols, strides_in[0], strides_out[0], strides_in[1], strides_out[1], strides_in[2], strides_out[2],
+            inner, size, unit)
+    return Launch(kernel, (count, chunks, batch), ints, consts, warps, tuning.stages, offset, count * d * d)
 
 
 _SMS = None
@@ -103,48 +111,71 @@ def _sm_count() -> int:
 if triton is not None:
 
     @triton.jit
-    def _run_kernel(src_ptr, dst_ptr, blk_ptr, cols, stride_s, stride_d,
-                    INNER: tl.constexpr, SIZE: tl.constexpr, UNIT: tl.constexpr, d: tl.constexpr,
-                    D: tl.constexpr, BN: tl.constexpr, TPP: tl.constexpr, PREC: tl.constexpr):
-        """One run from src to dst (n, cols), unit column stride (they may be the same tensor):
-        program (block k, column chunk c) does rows idx[k] (``Run.geometry``'s formula) of column
-        tiles c, c + chunks, ... (TPP of them), in float32, stored in dst's dtype."""
+    def _run_kernel(src_ptr, dst_ptr, blk_ptr, sub_ptr, add_ptr, cols, stride_s, stride_d, cstride_s, cstride_d,
+                    bstride_s, bstride_d, INNER, SIZE, UNIT, d: tl.constexpr,
+                    D: tl.constexpr, BN: tl.constexpr, TPP: tl.constexpr, SUB: tl.constexpr, ADD: tl.constexpr,
+                    PREC: tl.constexpr):
+        """One run from src to dst, (batch, n, cols) with any strides (they may be the same
+        tensor): program (block k, column chunk c, matrix z) does rows idx[k] (``Run.geometry``'s
+        formula) of column tiles c, c + chunks, ... (TPP of them), in float32, stored in dst's
+        dtype; ``SUB``: minus sub[row] before the product, ``ADD``: plus add[row] after it."""
         k = tl.program_id(0)
+        z = tl.program_id(2).to(tl.int64)
         r = tl.arange(0, D)
         rows = (k // INNER) * (SIZE * INNER * UNIT) + (r // UNIT) * (INNER * UNIT) + (k % INNER) * UNIT + r % UNIT
         rmask = r < d
-        soff = rows.to(tl.int64) * stride_s
-        doff = rows.to(tl.int64) * stride_d
+        soff = rows.to(tl.int64) * stride_s + z * bstride_s
+        doff = rows.to(tl.int64) * stride_d + z * bstride_d
         blk = tl.load(blk_ptr + k.to(tl.int64) * (d * d) + r[:, None] * d + r[None, :],
                       mask=rmask[:, None] & rmask[None, :], other=0.0)  # zero-padded to D x D
+        if SUB:
+            below = tl.load(sub_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        if ADD:
+            above = tl.load(add_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         for i in range(TPP):
             cc = (tl.program_id(1) + i * tl.num_programs(1)) * BN + tl.arange(0, BN)
             mask = rmask[:, None] & (cc < cols)[None, :]
-            tile = tl.load(src_ptr + soff[:, None] + cc[None, :], mask=mask, other=0.0).to(tl.float32)
+            cw = cc.to(tl.int64)
+            tile = tl.load(src_ptr + soff[:, None] + (cw * cstride_s)[None, :], mask=mask, other=0.0).to(tl.float32)
+            if SUB:
+                tile = tile - below[:, None]  # padded rows stay zero (both loads are 0 there)
             # tl.dot reads the whole tile (through shared memory) before any thread stores
             out = tl.dot(blk, tile, input_precision=PREC)
-            tl.store(dst_ptr + doff[:, None] + cc[None, :], out.to(dst_ptr.dtype.element_ty), mask=mask)
+            if ADD:
+                out = out + above[:, None]
+            tl.store(dst_ptr + doff[:, None] + (cw * cstride_d)[None, :], out.to(dst_ptr.dtype.element_ty),
+                     mask=mask)
 
     @triton.jit
-    def _run_kernel_fma(src_ptr, dst_ptr, blk_ptr, cols, stride_s, stride_d,
-                        INNER: tl.constexpr, SIZE: tl.constexpr, UNIT: tl.constexpr, d: tl.constexpr,
-                        D: tl.constexpr, BN: tl.constexpr, TPP: tl.constexpr):
+    def _run_kernel_fma(src_ptr, dst_ptr, blk_ptr, sub_ptr, add_ptr, cols, stride_s, stride_d, cstride_s,
+                        cstride_d, bstride_s, bstride_d, INNER, SIZE, UNIT, d: tl.constexpr,
+                        D: tl.constexpr, BN: tl.constexpr, TPP: tl.constexpr, SUB: tl.constexpr,
+                        ADD: tl.constexpr):
         """``_run_kernel`` without tl.dot: d rank-1 updates in float32 (exact FMA, no padding in k)."""
         k = tl.program_id(0)
+        z = tl.program_id(2).to(tl.int64)
         r = tl.arange(0, D)
         base = (k // INNER) * (SIZE * INNER * UNIT) + (k % INNER) * UNIT
         rows = base + (r // UNIT) * (INNER * UNIT) + r % UNIT
         rmask = r < d
-        doff = rows.to(tl.int64) * stride_d
+        doff = rows.to(tl.int64) * stride_d + z * bstride_d
         bptr = blk_ptr + k.to(tl.int64) * (d * d) + r * d
+        if ADD:
+            above = tl.load(add_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         for i in range(TPP):
             cc = (tl.program_id(1) + i * tl.num_programs(1)) * BN + tl.arange(0, BN)
             cmask = cc < cols
+            cw = cc.to(tl.int64)
             acc = tl.zeros((D, BN), dtype=tl.float32)
             for j in range(d):
                 rj = base + (j // UNIT) * (INNER * UNIT) + j % UNIT
-                xr = tl.load(src_ptr + rj.to(tl.int64) * stride_s + cc, mask=cmask, other=0.0).to(tl.float32)
+                xr = tl.load(src_ptr + rj.to(tl.int64) * stride_s + z * bstride_s + cw * cstride_s, mask=cmask,
+                             other=0.0).to(tl.float32)
+                if SUB:
+                    xr = xr - tl.load(sub_ptr + rj).to(tl.float32)
                 acc += tl.load(bptr + j, mask=rmask, other=0.0)[:, None] * xr[None, :]
+            if ADD:
+                acc = acc + above[:, None]
             tl.debug_barrier()  # every thread has read these rows before any writes them
-            tl.store(dst_ptr + doff[:, None] + cc[None, :], acc.to(dst_ptr.dtype.element_ty),
+            tl.store(dst_ptr + doff[:, None] + (cw * cstride_d)[None, :], acc.to(dst_ptr.dtype.element_ty),
                      mask=rmask[:, None] & cmask[None, :])

@@ -353,42 +353,67 @@ def _channel_view(t: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
     return t.reshape(shape)
 
 
+# Float32 scratch between a bypass kernel's runs, in elements (256 MB): a whole activation of
+# an SDXL or Flux layer at once; larger ones (video) go a column slice at a time.
+BYPASS_SCRATCH = 1 << 26
+
+
 def bypass(patch: Patch, x: torch.Tensor, forward, bias: torch.Tensor | None = None,
            channel_dim: int = -1) -> torch.Tensor:
     """The output of the layer ``forward`` with ``patch`` applied at run time, the weight untouched.
 
     ``forward(x) = W x + bias`` is the layer as the host runs it (any dtype: float16, float8
-    weights, offloading); ``bias`` the layer's bias (n,) or None; ``channel_dim`` the channel axis
-    of ``x`` and of the output (-1 for a linear layer, 1 for a convolution). Output side
-    (LyCORIS): ``scale * B (f(x) - bias) + bias``; input side (PEFT/kohya, linear layers only):
-    ``scale * f(Bᵀ x) + (1 - scale) * bias``; the linear mode blends ``f(x) + blend (new - f(x))``.
-    With the layer's ``bias`` this equals the output of the layer with the merged weight
-    (:func:`apply`) and the bias unchanged; ``bias=None`` treats ``f`` as linear (then an output-
-    side bias is rotated too, as LyCORIS's own ``bypass_forward`` does). Rotations run in float32
-    (the patch's dtype, at least) whatever the activations' dtype; the result has ``f``'s dtype.
+    weights, offloading), returning a new tensor; ``bias`` the layer's bias (n,) or None;
+    ``channel_dim`` the channel axis of ``x`` and of the output (-1 for a linear layer, 1 for a
+    convolution). Output side (LyCORIS): ``scale * B (f(x) - bias) + bias``; input side
+    (PEFT/kohya, linear layers only): ``scale * f(Bᵀ x) + (1 - scale) * bias``; the linear mode
+    blends ``f(x) + blend (new - f(x))``. With the layer's ``bias`` this equals the output of the
+    layer with the merged weight (:func:`apply`) and the bias unchanged; ``bias=None`` treats
+    ``f`` as linear (then an output-side bias is rotated too, as LyCORIS's own ``bypass_forward``
+    does). Rotations run in float32 (the patch's dtype, at least) whatever the activations' dtype;
+    the result has ``f``'s dtype.
+
+    Engines: on a CUDA device with Triton, the rotation is the in-place plan's kernel
+    (:meth:`fused.FusedButterfly.apply_channels`: one launch per run, the bias subtracted and
+    added inside it, ``f(x)`` rotated where it lies); elsewhere (CPU, the linear mode, a float64
+    patch) dense blocks in torch.
     """
     compute = torch.promote_types(torch.promote_types(x.dtype, patch.rotations.dtype), torch.float32)
     patch = _in_dtype(patch, compute)
-    b = None if bias is None else bias.to(x.device, compute)
+    if patch.side != "out" and channel_dim != -1 and channel_dim != x.ndim - 1:
+        raise BoftError(
+            f"layer {patch.name}: an input-side (PEFT/kohya) BOFT on a convolution mixes kernel "
+            "positions and has no forward-time form; merge it into the weight instead."
+        )
+    kernel = _bypass_kernel(patch, x)
     if patch.side == "out":
         base = forward(x)
+        if kernel is not None:
+            b = bias
+            if b is not None and (b.device != base.device or b.dtype not in fused.KERNEL_DTYPES or b.ndim != 1):
+                b = b.to(base.device, b.dtype if b.dtype in fused.KERNEL_DTYPES else torch.float32).reshape(-1)
+            if kernel.apply_channels(base, channel_dim, sub=b, add=b, scratch_elems=BYPASS_SCRATCH) is not None:
+                return base  # S B (f(x) - b) + b, written over f(x) in its own dtype
+        b = None if bias is None else bias.to(x.device, compute)
         # f(x) - bias in the compute dtype (one kernel: the subtraction promotes)
         y = base.to(compute) if b is None else torch.sub(base, _channel_view(b, base.ndim, channel_dim))
         new = _rotate_channels(patch, y, channel_dim, scale=patch.scale)
         if b is not None:
             new += _channel_view(b, new.ndim, channel_dim)
     else:
-        if channel_dim != -1 and channel_dim != x.ndim - 1:
-            raise BoftError(
-                f"layer {patch.name}: an input-side (PEFT/kohya) BOFT on a convolution mixes kernel "
-                "positions and has no forward-time form; merge it into the weight instead."
-            )
-        rotated = _rotate_channels(patch, x.to(compute), -1, transpose=True)  # Bᵀ x, x as row vectors
-        new = forward(rotated.to(x.dtype)).to(compute)
+        rotated = None
+        if kernel is not None:  # Bᵀ x in x's dtype, computed in float32 by the kernel
+            rotated = kernel.apply_channels(x, -1, out=torch.empty_like(x), scratch_elems=BYPASS_SCRATCH)
+        if rotated is None:
+            rotated = _rotate_channels(patch, x.to(compute), -1, transpose=True).to(x.dtype)  # x as row vectors
+        new = forward(rotated)
+        if patch.scale is None and patch.blend is None:
+            return new
+        new = new.to(compute)
         if patch.scale is not None:
             new = new * patch.scale
-            if b is not None:
-                new = new + (1 - patch.scale) * b
+            if bias is not None:
+                new = new + (1 - patch.scale) * bias.to(x.device, compute)
         base = None
     if patch.blend is not None:
         base = forward(x) if base is None else base
@@ -396,6 +421,19 @@ def bypass(patch: Patch, x: torch.Tensor, forward, bias: torch.Tensor | None = N
         new = y + patch.blend * (new - y)
     out_dtype = base.dtype if base is not None else x.dtype
     return new.to(out_dtype)
+
+
+def _bypass_kernel(patch: Patch, x: torch.Tensor) -> fused.FusedButterfly | None:
+    """The in-place plan that rotates activations for :func:`bypass` (output side ``S B``, input
+    side ``Bᵀ``), kept with the patch; None where the torch path runs (no Triton kernel on
+    ``x``'s device, the linear mode's blend, rotations not float32)."""
+    if (patch.blend is not None or patch.rotations.dtype != torch.float32 or not x.is_cuda
+            or patch.rotations.device != x.device or not fused.available()):
+        return None
+    if patch.side == "out":
+        return patch.fused()
+    return patch.kept(("fused", "transposed"), lambda: fused.FusedButterfly(patch.rotations, patch.layout,
+                                                                           transpose=True))
 
 
 def bypass_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -53,8 +53,19 @@ class Launch:
                       else (a == 1, a % 16 == 0, -2**31 <= a < 2**31) for a in args)
         return (self.kernel, tuple(self.consts.items()), self.num_warps, self.num_stages, args[0].device, flags)
 
-    def __call__(self, src: torch.Tensor, dst: torch.Tensor, storage: torch.Tensor) -> None:
-        args = [src, dst, storage[self.offset:self.offset + self.size], *self.ints]
+    def __call__(self, src: torch.Tensor, dst: torch.Tensor, storage: torch.Tensor,
+                 sub: torch.Tensor | None = None, add: torch.Tensor | None = None) -> None:
+        """Run it: ``src``/``dst`` the tensors read and written, ``storage`` the plan's blocks;
+        ``sub``/``add`` the per-row vectors of a launch made with them (else the blocks stand in
+        for the unused pointers)."""
+        blocks = storage[self.offset:self.offset + self.size]
+        self.run(src, dst, blocks, blocks if sub is None else sub, blocks if add is None else add)
+
+    def run(self, src: torch.Tensor, dst: torch.Tensor, blocks: torch.Tensor, sub: torch.Tensor,
+            add: torch.Tensor) -> None:
+        """:meth:`__call__` with this launch's ``blocks`` already sliced out and every pointer
+        given (the bypass calls it once per run and layer: no per-call slicing)."""
+        args = [src, dst, blocks, sub, add, *self.ints]
         c = self.compiled
         if c is None:
             # another plan's launch of the same specialisation (layers of one shape) already

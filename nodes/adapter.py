@@ -166,7 +166,7 @@ class BOFTAdapter(WeightAdapterBase):
         module = _module_of(org_forward)
         strength = float(getattr(self, "multiplier", 1.0))
         weight = getattr(module, "weight", None)
-        if weight is not None and tuple(weight.shape) not in self._fits:
+        if weight is not None and weight.shape not in self._fits:
             try:
                 check_weight(self.layer(), weight.shape)
             except BoftError as e:
@@ -184,7 +184,7 @@ class BOFTAdapter(WeightAdapterBase):
         """The prepared rotation, held by this adapter while it is injected: a forward needs every
         layer's rotation on the device each time (as core holds a LoRA's weights there), and the
         shared cache's device budget would evict and re-copy them on every step."""
-        key = (strength, str(device))
+        key = (strength, device)
         held = getattr(self, "_held", None)
         if held is None or held[0] != key:
             held = self._held = (key, self.patch_for(strength, device, torch.float32))
@@ -205,7 +205,8 @@ class BOFTAdapter(WeightAdapterBase):
         patch = self.patch_for(float(getattr(self, "multiplier", 1.0)), y.device, torch.float32)
         if patch.side != "out":
             raise BoftError(f"layer {self.weights[5]}: an input-side BOFT has no output transform g().")
-        return bypass(patch, y, lambda t: t, None, 1 if getattr(self, "is_conv", False) else -1)
+        # a copy to rotate: bypass() writes over what ``forward`` returns, and ``y`` is the caller's
+        return bypass(patch, y, torch.clone, None, 1 if getattr(self, "is_conv", False) else -1)
 
 
 def _module_of(org_forward):

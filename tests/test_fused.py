@@ -308,3 +308,114 @@ def test_cache_on_cuda_plans_budget_and_merge(dtype):
     assert merge.try_merge_into(host, target, plan)
     assert within_one_ulp(target.cpu(), want) if dtype != torch.float32 else \
         ((target.cpu().double() - want).norm() / want.norm()).item() < 1e-5
+
+
+def _channels_cases(n, gen):
+    """Activations of every layout the bypass meets, channels ``n``: (tensor, channel_dim)."""
+    return [(torch.randn(1, 7, n, generator=gen), -1),  # a linear layer's (batch, tokens, channels)
+            (torch.randn(2, 300, n, generator=gen), 2),
+            (torch.randn(2, n, 5, 9, generator=gen), 1),  # a convolution's NCHW
+            (torch.randn(2, n, 4, 6, generator=gen).to(memory_format=torch.channels_last), 1),
+            (torch.randn(n, 3, generator=gen), 0)]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("precision", ["tf32x3", "fma"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_triton_apply_channels(layout, precision, dtype):
+    """The bypass's kernel path: ``S B (y - sub) + add`` on the channel axis of activations as they
+    lie (channels last, NCHW, channels_last memory, batches), in place and into another tensor,
+    with the float32 scratch whole and in column slices; float64 reference. Input-side plans
+    (``Bᵀ``, no scale) too."""
+    gen = torch.Generator().manual_seed(seed("channels", layout, precision, str(dtype)))
+    for m, nb, b in [(1, 5, 3), (3, 8, 10), (8, 128, 10)]:
+        if butterfly.check_butterfly_shape(m, nb, b, layout):
+            continue
+        n = nb * b
+        rot = rotations(m, nb, b, gen, torch.float32)
+        s = 1 + 0.1 * torch.randn(n, generator=gen)
+        bias = torch.randn(n, generator=gen)
+        for transpose in (False, True):
+            scale = None if transpose else s
+            plan = fused.FusedButterfly(rot.cuda(), layout, transpose, precision=precision,
+                                        scale=None if scale is None else scale.cuda())
+            for y, dim in _channels_cases(n, gen):
+                y = y.to(dtype)
+                moved = y.double().movedim(dim, 0)
+                bias_dev = bias.to(dtype)  # the bias as the layer holds it
+                flat = moved.reshape(n, -1) - bias_dev.double()[:, None]
+                want = butterfly.apply_stages(flat, rot.double(), layout, transpose)
+                if scale is not None:
+                    want = scale.double()[:, None] * want
+                want = (want + bias_dev.double()[:, None]).reshape(moved.shape).movedim(0, dim)
+                for scratch in (None, n * 64):
+                    for into in (False, True):
+                        got = y.cuda()
+                        out = torch.empty_like(got) if into else None
+                        b_dev = bias_dev.cuda()
+                        done = plan.apply_channels(got, dim, out=out, sub=b_dev, add=b_dev, scratch_elems=scratch)
+                        assert done is (out if into else got)
+                        res = done.cpu()
+                        if dtype == torch.float32:
+                            assert rel(res, want) < 1e-5, (m, nb, b, y.shape, dim, scratch, into)
+                        else:
+                            assert within_one_ulp(res, want), (m, nb, b, y.shape, dim, scratch, into)
+                        if into:
+                            assert torch.equal(got.cpu(), y)  # the input is left alone
+
+
+@needs_triton
+def test_triton_apply_channels_declines_what_it_cannot_take():
+    gen = torch.Generator().manual_seed(5)
+    rot = rotations(3, 8, 10, gen, torch.float32)
+    plan = fused.FusedButterfly(rot.cuda(), butterfly.INTERLEAVED)
+    y = torch.randn(3, 4, 80, generator=gen).cuda().transpose(0, 1)  # tokens no longer one block
+    assert plan.apply_channels(y, -1) is None
+    assert plan.apply_channels(torch.randn(4, 80, generator=gen), -1) is None  # on the CPU
+    assert plan.apply_channels(torch.randn(4, 80, generator=gen).double().cuda(), -1) is None
+    assert plan.apply_channels(torch.randn(4, 81, generator=gen).cuda(), -1) is None  # wrong width
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["lycoris-boft", "peft-boft"])
+def test_bypass_kernel_equals_the_merged_layer(kind, dtype, monkeypatch):
+    """merge.bypass on CUDA runs the kernel (the torch path is made to fail) in the orthogonal and
+    lycoris modes, and its output equals the layer with the float64 merged weight (the bias
+    unrotated), for linear and conv layers, in float32 (relative 1e-5) and half precision
+    (rounding of the activations)."""
+    import torch.nn.functional as F
+
+    from boft_core import merge
+    from boft_core.formats import BoftLayer
+
+    gen = torch.Generator().manual_seed(seed("bypass kernel", kind, str(dtype)))
+    n, k = 160, 96
+    scale = 1 + 0.1 * torch.randn(n, generator=gen)  # LyCORIS's rescale, PEFT's boft_s
+    layer = BoftLayer("L", kind, torch.randn(4, 16, 10, 10, generator=gen) * 0.1, scale=scale)
+    torch_path = merge._rotate_channels
+    for mode in ("lycoris", "orthogonal", "linear"):
+        monkeypatch.setattr(merge, "_rotate_channels", torch_path if mode == "linear" else None)
+        for strength in (-1.0, 0.5, 2.0):
+            patch = merge.prepare(layer, strength, mode)
+            cuda_patch = merge.Patch(patch.name, patch.side, patch.layout, patch.rotations.cuda(),
+                                     patch.scale.cuda(), patch.blend)
+            for conv in (False, True) if kind == "lycoris-boft" else (False,):
+                shape = (n, k // 4, 2, 2) if conv else (n, k)
+                w = torch.randn(*shape, generator=gen) * 0.1
+                bias = torch.randn(n, generator=gen)
+                x = torch.randn(2, k // 4, 6, 6, generator=gen) if conv else torch.randn(2, 33, k, generator=gen)
+                merged = merge.apply(merge.prepare(layer, strength, mode, dtype=torch.float64), w.double())
+                op = F.conv2d if conv else F.linear
+                want = op(x.double(), merged, bias.double())
+                wd, bd, xd = w.to(dtype).cuda(), bias.to(dtype).cuda(), x.to(dtype).cuda()
+                got = merge.bypass(cuda_patch, xd, lambda t, wd=wd, bd=bd, op=op: op(t, wd, bd), bd,
+                                   1 if conv else -1)
+                assert got.dtype == dtype and got.shape == want.shape
+                # the reference through the same rounded inputs: what the merged layer gives in dtype
+                ref = op(xd.double(), merge.apply(merge.prepare(layer, strength, mode, dtype=torch.float64),
+                                                  wd.double()), bd.double())
+                tol = 1e-5 if dtype == torch.float32 else (4e-3 if dtype == torch.float16 else 3e-2)
+                assert rel(got.cpu(), ref.cpu()) < tol, (mode, strength, conv)
+                assert rel(got.cpu(), want) < (1e-5 if dtype == torch.float32 else 5e-2)
