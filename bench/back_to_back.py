@@ -36,13 +36,11 @@ def time_adapter_loop(comfy, layers, names, runs, device) -> dict:
 
 
 def measure(work: harness.Workload, args) -> dict:
-    if work.device.type != "cuda":
-        raise RuntimeError("the back-to-back loop is a GPU measurement (--device cuda)")
     return time_adapter_loop(work.comfy, work.layers, work.names, args.runs, work.device)
 
 
 def main(argv=None) -> dict:
-    return harness.run(__doc__, "loop", measure, argv)
+    return harness.run(__doc__, "loop", measure, argv, gpu_only=True)
 
 
 if __name__ == "__main__":

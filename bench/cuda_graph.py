@@ -32,13 +32,11 @@ def time_graph(comfy, layers, runs, device) -> list[float]:
 
 
 def measure(work: harness.Workload, args) -> list[float]:
-    if work.device.type != "cuda":
-        raise RuntimeError("a CUDA graph is a GPU measurement (--device cuda)")
     return time_graph(work.comfy, work.layers, args.runs, work.device)
 
 
 def main(argv=None) -> dict:
-    return harness.run(__doc__, "graph", measure, argv)
+    return harness.run(__doc__, "graph", measure, argv, gpu_only=True)
 
 
 if __name__ == "__main__":

@@ -71,13 +71,11 @@ def time_dynamic(comfy, layers, runs, device) -> dict:
 
 
 def measure(work: harness.Workload, args) -> dict:
-    if work.device.type != "cuda":
-        raise RuntimeError("dynamic VRAM is a GPU measurement (--device cuda)")
     return time_dynamic(work.comfy, work.layers, args.runs, work.device)
 
 
 def main(argv=None) -> dict:
-    return harness.run(__doc__, "dynamic", measure, argv)
+    return harness.run(__doc__, "dynamic", measure, argv, gpu_only=True)
 
 
 if __name__ == "__main__":

@@ -453,7 +453,8 @@ def section(res: dict, key: str, fn, json_path: str | None) -> None:
         write_json(json_path, res)
 
 
-def run(doc: str, key: str, measure, argv=None, needs: str = "layers", add_args=None, extra=None) -> dict:
+def run(doc: str, key: str, measure, argv=None, needs: str = "layers", add_args=None, extra=None,
+        gpu_only: bool = False) -> dict:
     """A measurement file's ``main``: the common flags (and ``add_args``'s), the workload,
     ``measure(work, args)`` as ``res[key]``, the report on stdout and ``--json``."""
     import report  # bench/report.py
@@ -462,6 +463,8 @@ def run(doc: str, key: str, measure, argv=None, needs: str = "layers", add_args=
     if add_args:
         add_args(p)
     args = p.parse_args(argv)
+    if gpu_only and torch.device(args.device).type != "cuda":
+        raise SystemExit(f"{key}: a GPU measurement, pass --device cuda (not {args.device})")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

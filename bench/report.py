@@ -23,9 +23,10 @@ median = statistics.median
 
 
 def table(headers, rows) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    def line(cells):
+        return "|" + "|".join(f" {c} " if str(c) else " " for c in cells) + "|"
+
+    return "\n".join([line(headers), "|" + "---|" * len(headers)] + [line(row) for row in rows])
 
 
 def fmt(x: float) -> str:
@@ -336,6 +337,88 @@ def fill(md: str, tables: dict[str, str]) -> str:
         return m.group(1) + tables[m.group(2)] + "\n" + m.group(4)
 
     return MARKER.sub(repl, md)
+
+
+# The earlier sessions' runs (contenders named differently then: "ours+plan" is today's "ours").
+
+def spread(values) -> str:
+    return f"{num(median(values))} ({num(min(values))}–{num(max(values))})"
+
+
+@generated
+def after_plan_cache(load) -> str:
+    r = load("h200_sdxl_after_plan_cache.json")
+    core_a, core_l, core_p = adapter(r, "core"), b2b(r, "core"), r["patcher"]["core"]["median_ms"]
+    labels = {"core": "core", "node": "node (the pack's adapter)",
+              "ours": "ours (`merge.apply`, plan now cached in the Patch)", "ours+plan": "ours+plan"}
+    rows = []
+    for name, label in labels.items():
+        a, loop, pm = adapter(r, name), b2b(r, name), r["patcher"][name]["median_ms"]
+        rows.append([label, f"{num(a)} ({ratio(core_a, a)})", f"{num(loop)} ({ratio(core_l, loop)})",
+                     f"{num(pm)} ({ratio(core_p, pm)})"])
+    rows.append(["ours+plan, one CUDA graph", "", num(median(r["graph"])), ""])
+    return table(["contender", "adapter, summed per call", "back-to-back loop (wall)", "ModelPatcher.patch_model"],
+                 rows)
+
+
+OLD_CLASSES = ("Linear 10240x1280", "Conv2d 1280x1280x3x3", "Linear 1280x1280", "Linear 1280x5120",
+               "Linear 1280x2048", "Conv2d 1280x2560x3x3", "Linear 5120x640", "Conv2d 640x640x3x3", "Linear 640x640")
+OLD_NAMES = ("core", "node", "ours", "ours+plan", "in place")
+
+
+@generated
+def cpu_2core_classes(load) -> str:
+    classes = load("cpu_sdxl.json")["timing"]["classes"]
+    rows = [[c, classes[c]["count"], classes[c]["m"], *(num(classes[c][n]) for n in OLD_NAMES),
+             ratio(classes[c]["core"], classes[c]["ours"]), ratio(classes[c]["core"], classes[c]["in place"])]
+            for c in OLD_CLASSES]
+    return table(["layer", "n", "m", *OLD_NAMES, "core/ours", "core/in place"], rows)
+
+
+@generated
+def cpu_2core_total(load) -> str:
+    tot = load("cpu_sdxl.json")["timing"]["total"]
+    rows = [[n, num(tot[n]["adapter_ms"]), num(tot[n]["call_ms"]),
+             ratio(tot["core"]["adapter_ms"], tot[n]["adapter_ms"]), ratio(tot["core"]["call_ms"], tot[n]["call_ms"])]
+            for n in OLD_NAMES]
+    return table(["contender", "adapter", "call (+ copy in, cast back)", "core/this, adapter", "core/this, call"],
+                 rows)
+
+
+@generated
+def cpu_2core_memory(load) -> str:
+    memory = load("cpu_sdxl.json")["memory"]
+    rows = []
+    for i, (shape, per) in enumerate(memory.items()):
+        label = ("Conv2d " if shape.count("x") == 3 else "Linear ") + shape + (" (largest)" if i == 0 else "")
+        size = per["core"]["layer_fp32_mb"]
+        rows.append([label, f"{size:.4g}", *(f"{num(per[n]['extra_mb'])} ({per[n]['extra_mb'] / size:.2f}x)"
+                                             for n in OLD_NAMES)])
+    return table(["layer", "fp32 MB", *OLD_NAMES], rows)
+
+
+@generated
+def h200_total(load) -> str:
+    r = load("h200_sdxl.json")
+    tot = r["timing"]["total"]
+    rows = [[n, num(tot[n]["adapter_ms"]), num(tot[n]["call_ms"]), spread(r["loop"][n]),
+             num(r["patcher"][n]["median_ms"])] for n in r["contenders"]]
+    rows.append(["ours+plan as one CUDA graph", "", "", num(median(r["graph"])), ""])
+    return table(["contender", "adapter, summed per call", "call", "back-to-back loop (wall)",
+                  "ModelPatcher.patch_model"], rows)
+
+
+@generated
+def variants(load) -> str:
+    blocks = (10, 20, 40, 80, 160, 640, 1280)
+    rows = []
+    for path, where in (("h200_sdxl.json", "GPU"), ("cpu_sdxl.json", "CPU")):
+        for shape in ("1280x1280", "10240x1280"):
+            v = load(path)["variants"][shape]
+            rows.append([f"{shape} {where}", num(v["reference"]),
+                         *(f"{num(v[f'block {b}'])} ({'k=' if b == 10 else ''}{v[f'k {b}']})" for b in blocks),
+                         num(v["plan build (default)"])])
+    return table(["B @ W", "reference", "block 10", *(str(b) for b in blocks[1:]), "plan build"], rows)
 
 
 def main(argv=None) -> int:
