@@ -42,10 +42,14 @@ def text(res: dict) -> str:
     out = [f"machine: {res['machine']}", f"command: {res['command']}",
            f"fast path's largest block: cpu {res['blocks']['cpu']}, gpu {res['blocks']['gpu']}; in place on "
            f"CUDA: {res['blocks'].get('fused (in place, CUDA)')} ({res['blocks'].get('fused precision')}, "
-           f"Triton {res['blocks'].get('triton')})",
-           f"model: {res['model']} ({res['model_class']}), {res['layers']} layers, "
-           f"{res['elements'] / 1e9:.3f} G weights ({res['dtype']}; working copies "
-           f"{res.get('work_dtype', 'torch.float32')}), ComfyUI {res.get('comfyui')}, runs: {res['runs']}", ""]
+           f"Triton {res['blocks'].get('triton')})"]
+    if res["layers"]:  # scaling.py and variants.py make their own layers
+        out.append(f"model: {res['model']} ({res['model_class']}), {res['layers']} layers, "
+                   f"{res['elements'] / 1e9:.3f} G weights ({res['dtype']}; working copies "
+                   f"{res.get('work_dtype', 'torch.float32')}), ComfyUI {res.get('comfyui')}, runs: {res['runs']}")
+    else:
+        out.append(f"ComfyUI {res.get('comfyui')}, runs: {res['runs']}")
+    out.append("")
     for key, err in res.get("errors", {}).items():
         out.append(f"ERROR in {key}: {err}")
     if "timing" in res:
