@@ -193,8 +193,7 @@ def main(argv=None):
     print(res.pop("python_profile", ""))
     print(json.dumps({k: v for k, v in res.items() if not k.endswith("_all")}, indent=1))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        harness.write_json(args.json, res)
     return res
 
 

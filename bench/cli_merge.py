@@ -112,8 +112,7 @@ def main(argv=None) -> dict:
     res["ratio"] = res["median"]["core"] / res["median"]["ours"]
     print(json.dumps(res, indent=1))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        bench.write_json(args.json, res)
     return res
 
 

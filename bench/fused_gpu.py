@@ -24,11 +24,9 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import ROOT, graph_replays, power2factorization, write_json  # noqa: E402  (bench/harness.py)
 
-from bench import graph_replays, power2factorization  # noqa: E402  (bench/bench.py, this folder)
 from boft_core import butterfly, fast, fused, kernel  # noqa: E402
 
 DEFAULT_CLASSES = os.path.join(ROOT, "bench", "results", "h200_sdxl_after_shape_check_once.json")
@@ -354,8 +352,7 @@ def main(argv=None):
         vals = " ".join(f"{result['contenders'][n]['classes_ms'][cls['label']]:18.4f}" for n in names)
         print(f"{cls['label']:24s} {cls['count']:5d} {cls['m']:3d} {vals}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
     return result
 
 

@@ -2,15 +2,22 @@
 
 One module that loads ComfyUI from a checkout (``--comfyui``, ``$BOFT_COMFYUI_DIR`` or
 ``.comfyui/ComfyUI``; never written into), makes the call ComfyUI makes for one patched weight
-(:meth:`Comfy.calculate`, :func:`call`), and builds the workload (model shapes from ComfyUI's own
-model classes, LyCORIS BOFT tensors, the contenders). Each measurement is its own file beside
-this one (bench.py, cold_start.py, cli_merge.py, fused_gpu.py) and imports this.
+(:meth:`Comfy.calculate`, :func:`call`), builds the workload (model shapes from ComfyUI's own
+model classes, LyCORIS BOFT tensors, the contenders) and runs one measurement into a JSON result
+(:func:`parser`, :func:`workload`, :func:`run`, :func:`write_json`). Each measurement is its own
+file beside this one and imports this; ``bench.py`` runs several of them on one workload, and
+``report.py`` turns the JSON results into text and RESULTS.md's tables.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import platform
 import sys
+import time
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from boft_core import fast, fused, merge  # noqa: E402
+from boft_core import fast, fused, kernel, merge  # noqa: E402
 from boft_core.formats import parse_lycoris  # noqa: E402
 
 # ComfyUI 0.3.75's own SDXL UNet config (comfy/model_detection.py, unet_config_from_diffusers_unet)
@@ -257,10 +264,216 @@ def make_tensors(layer: Layer, block_dtype, seed: int) -> None:
                      f"{layer.lname}.alpha": torch.tensor(0.0)}
 
 
-
 def call(comfy: Comfy, adapter, weight, key):
     """What ModelPatcher.patch_weight_to_device does for one key: a working copy, the adapter
     through ComfyUI's calculate_weight, the result rounded back to the stored dtype."""
     temp = weight.to(comfy.work_dtype, copy=True)
     out = comfy.calculate(adapter, temp, key)
     return comfy.float.stochastic_rounding(out, weight.dtype, seed=0)
+
+
+def node_cache(comfy):
+    """The node adapter's process-wide cache of prepared layers (nodes/adapter.py CACHE)."""
+    return sys.modules[comfy.NodeAdapter.__module__].CACHE
+
+
+def cache_state(comfy, layers, device) -> dict:
+    """What the node cache holds now, against the weights of the set in their stored dtype."""
+    cache = node_cache(comfy)
+    weights = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers)
+    held = cache.held(device) if device.type == "cuda" else 0
+    return {"device_mb": held / 2**20, "host_mb": cache.held("cpu") / 2**20,
+            "device_budget_mb": cache.device_budget / 2**20, "weights_mb": weights / 2**20,
+            "device_share": held / weights, "counts": dict(cache.counts)}
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+
+class Clock:
+    """Host timer on the CPU; CUDA events on a GPU (one sync at the end)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def graph_replays(work, runs: int, device) -> list[float]:
+    """``work()`` captured once in a CUDA graph (after a warm-up on a side stream, so library
+    handles and workspaces exist first) and replayed ``runs`` times: GPU ms per replay."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        work()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        work()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end))
+    del graph
+    return times
+
+
+def machine(device) -> str:
+    threads = torch.get_num_threads()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({threads} threads)"
+    if device.type == "cuda":
+        text += f", GPU {torch.cuda.get_device_name(device)}"
+    return text
+
+
+# --- one measurement's run ---------------------------------------------------------------------
+
+
+def write_json(path: str, result: dict) -> None:
+    """A result as the benchmarks keep them (bench/results/*.json)."""
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The flags of every measurement on the SDXL/Flux set (bench.py and the files beside it)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="sdxl",
+                   help="weight shapes from ComfyUI's model class (default sdxl)")
+    p.add_argument("--subset", type=int, default=None,
+                   help="only this many layers, spread over the model (smoke runs)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs; medians are reported")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--lora-dim", type=int, default=16, help="LyCORIS lora_dim (default 16)")
+    p.add_argument("--comfyui", default=default_comfyui(), help="ComfyUI checkout")
+    p.add_argument("--no-core", action="store_true", help="skip core's adapter (ours only)")
+    p.add_argument("--work-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="the working copy's dtype (auto: the host's lora_compute_dtype, else float32)")
+    p.add_argument("--json", help="also write all numbers to this file")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--block", type=int,
+                   help="largest dense block of ours and in place (fast path and kernel plan; "
+                        "default: boft_core.fast.MAX_BLOCK)")
+    p.add_argument("--slice", type=int,
+                   help="column slice of ours and in place's fast path, in elements "
+                        "(default: boft_core.fast's)")
+    return p
+
+
+@dataclass
+class Workload:
+    """What a measurement runs on: the host, the contenders' names and the layers with theirs."""
+
+    comfy: Comfy | None
+    device: torch.device
+    names: list[str]
+    layers: list[Layer]
+    net: object = None  # the model (only when a measurement needs it: ModelPatcher)
+    model_class: str | None = None
+    started: float = 0.0
+
+
+def workload(args, needs: str = "layers") -> Workload:
+    """The host and the set. ``needs``: "layers" (random stored weights and every contender per
+    layer), "model" (the same, the weights being the model's own, on the device), "host"
+    (ComfyUI only) or "none" (not even ComfyUI)."""
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    names = (["core"] if not args.no_core else []) + ["node", "ours", "in place"]
+    if needs == "none":
+        return Workload(None, device, names, [], started=started)
+    comfy = Comfy(args.comfyui, device, args.work_dtype)
+    if needs == "host":
+        return Workload(comfy, device, names, [], started=started)
+    need_model = needs == "model"
+    net, model_class = build_model(comfy, args.model, device if need_model else "meta", torch.float16)
+    layers = subset(model_layers(net, args.lora_dim), args.subset)
+    for i, layer in enumerate(layers):
+        if need_model:
+            layer.weight = comfy.utils.get_attr(net, layer.key)
+        else:
+            gen = torch.Generator(device=device).manual_seed(1000 + i)
+            layer.weight = (torch.randn(layer.shape, generator=gen, device=device) * 0.02).half()
+        make_adapters(comfy, layer, device, torch.float16, i, args.block, args.slice)
+    print(f"[bench] {len(layers)} layers ready in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return Workload(comfy, device, names, layers, net if need_model else None, model_class, started)
+
+
+def header(args, work: Workload, argv=None) -> dict:
+    """What every result starts with: the machine, the host, the command, the set."""
+    comfy = work.comfy
+    return {
+        "machine": machine(work.device), "device": work.device.type,
+        "comfyui": comfy.version if comfy else None,
+        "command": " ".join([os.path.basename(sys.executable)] + (sys.argv if argv is None else [sys.argv[0], *argv])),
+        "model": args.model, "model_class": work.model_class, "layers": len(work.layers),
+        "elements": sum(layer.weight.numel() for layer in work.layers), "dtype": "float16",
+        "work_dtype": str(comfy.work_dtype) if comfy else None,
+        "runs": args.runs, "contenders": work.names,
+        "blocks": {"cpu": args.block or fast.MAX_BLOCK["cpu"], "gpu": args.block or fast.MAX_BLOCK["cuda"],
+                   "fused (in place, CUDA)": args.block or fast.MAX_BLOCK["cuda in place"],
+                   "fused precision": fused.PRECISION,
+                   "triton": getattr(kernel.triton, "__version__", None) if fused.available() else None},
+    }
+
+
+def section(res: dict, key: str, fn, json_path: str | None) -> None:
+    """Run one measurement; a failure is recorded (and printed) so the others still report."""
+    start = time.perf_counter()
+    try:
+        res[key] = fn()
+    except Exception as e:  # a benchmark keeps the numbers it has
+        res.setdefault("errors", {})[key] = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    print(f"[bench] {key}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if json_path:
+        write_json(json_path, res)
+
+
+def run(doc: str, key: str, measure, argv=None, needs: str = "layers", add_args=None, extra=None,
+        gpu_only: bool = False) -> dict:
+    """A measurement file's ``main``: the common flags (and ``add_args``'s), the workload,
+    ``measure(work, args)`` as ``res[key]``, the report on stdout and ``--json``."""
+    import report  # bench/report.py
+
+    p = parser(doc)
+    if add_args:
+        add_args(p)
+    args = p.parse_args(argv)
+    if gpu_only and torch.device(args.device).type != "cuda":
+        raise SystemExit(f"{key}: a GPU measurement, pass --device cuda (not {args.device})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    work = workload(args, needs)
+    res = header(args, work, argv)
+    res.update(extra or {})
+    section(res, key, lambda: measure(work, args), args.json)
+    res["seconds"] = time.perf_counter() - work.started
+    print(report.text(res))
+    if args.json:
+        write_json(args.json, res)
+    return res

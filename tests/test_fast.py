@@ -213,6 +213,32 @@ def test_bench_smoke(tmp_path):
     assert "Whole set" in res.stdout
 
 
+@pytest.mark.skipif(not os.path.isfile(os.path.join(comfyui_dir(), "comfy", "lora.py")),
+                    reason="no ComfyUI checkout (scripts/setup.sh makes one)")
+def test_bench_measurement_alone(tmp_path):
+    """One measurement file run by itself (harness.run): its key in the JSON, checked as above."""
+    out = tmp_path / "accuracy.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "accuracy.py"), "--subset", "2", "--accuracy-layers", "2",
+           "--comfyui", comfyui_dir(), "--json", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert "errors" not in data and "timing" not in data, data
+    assert len(data["accuracy"]) == 2
+    for row in data["accuracy"]:
+        assert row["change"] > 0.01
+        for name in ("core", "node", "ours", "in place"):
+            assert row[name] <= 1e-5, row
+    assert "Relative error" in res.stdout
+
+
+def test_bench_results_md_from_json():
+    """RESULTS.md's generated tables are what bench/report.py makes from bench/results/*.json."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "report.py"), "--check"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 @pytest.mark.parametrize("kind", ["lycoris-boft", "peft-boft"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_apply_in_place(kind, dtype):
