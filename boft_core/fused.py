@@ -481,7 +481,9 @@ class FusedButterfly:
         budget = SCRATCH_ELEMS if scratch_elems is None else scratch_elems
         if several_half and src_view.numel() > budget:
             return _Call(None, 0, (channel_dim, scratch_elems))  # column slices: the general path
-        tmp_view = torch.empty_like(src_view, dtype=torch.float32) if several_half else dst_view
+        # the scratch's columns are contiguous whatever ``y``'s layout: the runs between the first
+        # and the last read and write it as the merge does a weight (coalesced along the columns)
+        tmp_view = torch.empty(src_view.shape, dtype=torch.float32, device=y.device) if several_half else dst_view
         launches = self._launches(src_view, tmp_view, dst_view, src_view.shape[2], sub, add)
         last = len(launches) - 1
         steps = [(launch, self.storage[launch.offset:launch.offset + launch.size],

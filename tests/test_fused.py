@@ -391,8 +391,9 @@ def test_bypass_kernel_equals_the_merged_layer(kind, dtype, monkeypatch):
     from boft_core.formats import BoftLayer
 
     gen = torch.Generator().manual_seed(seed("bypass kernel", kind, str(dtype)))
-    n, k = 160, 96
-    scale = 1 + 0.1 * torch.randn(n, generator=gen)  # LyCORIS's rescale, PEFT's boft_s
+    n = 160  # the butterfly's rows: output channels (LyCORIS), input features (PEFT)
+    out, k = (n, 96) if kind == "lycoris-boft" else (96, n)
+    scale = 1 + 0.1 * torch.randn(out, generator=gen)  # LyCORIS's rescale, PEFT's boft_s
     layer = BoftLayer("L", kind, torch.randn(4, 16, 10, 10, generator=gen) * 0.1, scale=scale)
     torch_path = merge._rotate_channels
     for mode in ("lycoris", "orthogonal", "linear"):
@@ -402,9 +403,9 @@ def test_bypass_kernel_equals_the_merged_layer(kind, dtype, monkeypatch):
             cuda_patch = merge.Patch(patch.name, patch.side, patch.layout, patch.rotations.cuda(),
                                      patch.scale.cuda(), patch.blend)
             for conv in (False, True) if kind == "lycoris-boft" else (False,):
-                shape = (n, k // 4, 2, 2) if conv else (n, k)
+                shape = (out, k // 4, 2, 2) if conv else (out, k)
                 w = torch.randn(*shape, generator=gen) * 0.1
-                bias = torch.randn(n, generator=gen)
+                bias = torch.randn(out, generator=gen)
                 x = torch.randn(2, k // 4, 6, 6, generator=gen) if conv else torch.randn(2, 33, k, generator=gen)
                 merged = merge.apply(merge.prepare(layer, strength, mode, dtype=torch.float64), w.double())
                 op = F.conv2d if conv else F.linear
