@@ -85,16 +85,16 @@ def launch(geometry: tuple[int, int, int], count: int, d: int, padded: int, offs
     else:
         chunks, per = tiles, 1
     inner, size, unit = geometry
-    consts = {"d": d, "D": padded, "BN": bn, "TPP": per, "SUB": sub, "ADD": add}
+    # CONTIG: both column strides 1 (a weight's rows): the merge's loads, vectorised along them
+    contig = strides_in[1] == 1 and strides_out[1] == 1
+    consts = {"INNER": inner, "SIZE": size, "UNIT": unit, "d": d, "D": padded, "BN": bn, "TPP": per,
+              "SUB": sub, "ADD": add, "CONTIG": contig}
     if precision == "fma":
         kernel = _run_kernel_fma
     else:
         kernel = _run_kernel
         consts["PREC"] = precision
-    # The geometry is passed as numbers, not compiled in: a kernel per (d, dtypes, strides' kind)
-    # serves every layer shape (the first forward of a bypass compiles a handful, not dozens).
-    ints = (cols, strides_in[0], strides_out[0], strides_in[1], strides_out[1], strides_in[2], strides_out[2],
-            inner, size, unit)
+    ints = (cols, strides_in[0], strides_out[0], strides_in[1], strides_out[1], strides_in[2], strides_out[2])
     return Launch(kernel, (count, chunks, batch), ints, consts, warps, tuning.stages, offset, count * d * d)
 
 
@@ -112,9 +112,10 @@ if triton is not None:
 
     @triton.jit
     def _run_kernel(src_ptr, dst_ptr, blk_ptr, sub_ptr, add_ptr, cols, stride_s, stride_d, cstride_s, cstride_d,
-                    bstride_s, bstride_d, INNER, SIZE, UNIT, d: tl.constexpr,
+                    bstride_s, bstride_d,
+                    INNER: tl.constexpr, SIZE: tl.constexpr, UNIT: tl.constexpr, d: tl.constexpr,
                     D: tl.constexpr, BN: tl.constexpr, TPP: tl.constexpr, SUB: tl.constexpr, ADD: tl.constexpr,
-                    PREC: tl.constexpr):
+                    CONTIG: tl.constexpr, PREC: tl.constexpr):
         """One run from src to dst, (batch, n, cols) with any strides (they may be the same
         tensor): program (block k, column chunk c, matrix z) does rows idx[k] (``Run.geometry``'s
         formula) of column tiles c, c + chunks, ... (TPP of them), in float32, stored in dst's
@@ -135,22 +136,27 @@ if triton is not None:
         for i in range(TPP):
             cc = (tl.program_id(1) + i * tl.num_programs(1)) * BN + tl.arange(0, BN)
             mask = rmask[:, None] & (cc < cols)[None, :]
-            cw = cc.to(tl.int64)
-            tile = tl.load(src_ptr + soff[:, None] + (cw * cstride_s)[None, :], mask=mask, other=0.0).to(tl.float32)
+            if CONTIG:
+                scol = cc
+                dcol = cc
+            else:
+                scol = cc.to(tl.int64) * cstride_s
+                dcol = cc.to(tl.int64) * cstride_d
+            tile = tl.load(src_ptr + soff[:, None] + scol[None, :], mask=mask, other=0.0).to(tl.float32)
             if SUB:
                 tile = tile - below[:, None]  # padded rows stay zero (both loads are 0 there)
             # tl.dot reads the whole tile (through shared memory) before any thread stores
             out = tl.dot(blk, tile, input_precision=PREC)
             if ADD:
                 out = out + above[:, None]
-            tl.store(dst_ptr + doff[:, None] + (cw * cstride_d)[None, :], out.to(dst_ptr.dtype.element_ty),
-                     mask=mask)
+            tl.store(dst_ptr + doff[:, None] + dcol[None, :], out.to(dst_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _run_kernel_fma(src_ptr, dst_ptr, blk_ptr, sub_ptr, add_ptr, cols, stride_s, stride_d, cstride_s,
-                        cstride_d, bstride_s, bstride_d, INNER, SIZE, UNIT, d: tl.constexpr,
+                        cstride_d, bstride_s, bstride_d,
+                        INNER: tl.constexpr, SIZE: tl.constexpr, UNIT: tl.constexpr, d: tl.constexpr,
                         D: tl.constexpr, BN: tl.constexpr, TPP: tl.constexpr, SUB: tl.constexpr,
-                        ADD: tl.constexpr):
+                        ADD: tl.constexpr, CONTIG: tl.constexpr):
         """``_run_kernel`` without tl.dot: d rank-1 updates in float32 (exact FMA, no padding in k)."""
         k = tl.program_id(0)
         z = tl.program_id(2).to(tl.int64)
@@ -165,11 +171,16 @@ if triton is not None:
         for i in range(TPP):
             cc = (tl.program_id(1) + i * tl.num_programs(1)) * BN + tl.arange(0, BN)
             cmask = cc < cols
-            cw = cc.to(tl.int64)
+            if CONTIG:
+                scol = cc
+                dcol = cc
+            else:
+                scol = cc.to(tl.int64) * cstride_s
+                dcol = cc.to(tl.int64) * cstride_d
             acc = tl.zeros((D, BN), dtype=tl.float32)
             for j in range(d):
                 rj = base + (j // UNIT) * (INNER * UNIT) + j % UNIT
-                xr = tl.load(src_ptr + rj.to(tl.int64) * stride_s + z * bstride_s + cw * cstride_s, mask=cmask,
+                xr = tl.load(src_ptr + rj.to(tl.int64) * stride_s + z * bstride_s + scol, mask=cmask,
                              other=0.0).to(tl.float32)
                 if SUB:
                     xr = xr - tl.load(sub_ptr + rj).to(tl.float32)
@@ -177,5 +188,5 @@ if triton is not None:
             if ADD:
                 acc = acc + above[:, None]
             tl.debug_barrier()  # every thread has read these rows before any writes them
-            tl.store(dst_ptr + doff[:, None] + (cw * cstride_d)[None, :], acc.to(dst_ptr.dtype.element_ty),
+            tl.store(dst_ptr + doff[:, None] + dcol[None, :], acc.to(dst_ptr.dtype.element_ty),
                      mask=rmask[:, None] & cmask[None, :])

@@ -415,8 +415,8 @@ def test_bypass_kernel_equals_the_merged_layer(kind, dtype, monkeypatch):
                                    1 if conv else -1)
                 assert got.dtype == dtype and got.shape == want.shape
                 # the reference through the same rounded inputs: what the merged layer gives in dtype
-                ref = op(xd.double(), merge.apply(merge.prepare(layer, strength, mode, dtype=torch.float64),
-                                                  wd.double()), bd.double())
+                ref = op(xd.double().cpu(), merge.apply(merge.prepare(layer, strength, mode, dtype=torch.float64),
+                                                        wd.double().cpu()), bd.double().cpu())
                 tol = 1e-5 if dtype == torch.float32 else (4e-3 if dtype == torch.float16 else 3e-2)
-                assert rel(got.cpu(), ref.cpu()) < tol, (mode, strength, conv)
+                assert rel(got.cpu(), ref) < tol, (mode, strength, conv)
                 assert rel(got.cpu(), want) < (1e-5 if dtype == torch.float32 else 5e-2)
