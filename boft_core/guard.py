@@ -7,7 +7,7 @@
 * :func:`check_bypass`: the same guard for bypass mode, where no weight is written and each
   layer's output is rotated at run time (``scale * B(s) (f(x) - b) + b``, or ``f(Bᵀ x)`` scaled): a
   layer prepared at a strength must be finite, and its output at most ``AMPLIFY_MAX`` times the
-  layer's own (:func:`patch_gain`), checked once per strength on the prepared rotation.
+  layer's own (the merge's :func:`gain`), checked once per strength when the layer is prepared.
 * :func:`check_merge`: the one finite-result guard, run before any weight is written. It refuses a
   layer, strength and mode whose merged weight could be non-finite in the weight's working dtype
   (or over a million times the layer's own), from the bound ``|W'_ij| <= gain * max line norm
@@ -126,42 +126,25 @@ def check_merge(layer: BoftLayer, strength: float, mode: str, weight: torch.Tens
     return g
 
 
-def check_bypass(patch: Patch, strength, mode: str, where: str = "") -> float:
-    """BoftError (naming the layer and the values) unless ``patch``, a layer prepared at ``strength``
+def check_bypass(layer: BoftLayer, patch: Patch, strength, mode: str, where: str = "") -> float:
+    """BoftError (naming the layer and the values) unless ``patch``, ``layer`` prepared at ``strength``
     in ``mode`` for bypass mode, keeps every output finite: the strength a finite number, the
     prepared rotation blocks and scale finite, and the output at most ``AMPLIFY_MAX`` times the
-    layer's own (:func:`patch_gain`; a merge refuses the same, :func:`check_merge`). Bypass reads no
-    weight and the activations are not known ahead of a forward, so the bound is the patch's alone.
-    Run it once per strength, before the first forward uses the patch. Returns the gain."""
-    s = check_strength(strength, f"{_prefix(where)}layer {patch.name}: strength")
-    head = f"{_prefix(where)}layer {patch.name}: at strength {s:g} ({mode}) in bypass mode"
+    layer's own. The output of a bypassed layer is its merged weight's, so the bound is the merge's
+    gain (:func:`gain`, from the file alone: cheap for every sane layer); bypass reads no weight and
+    the activations are not known ahead of a forward, so the gain alone decides. Run it once per
+    strength, before the first forward uses the patch. Returns the gain."""
+    s = check_strength(strength, f"{_prefix(where)}layer {layer.name}: strength")
+    head = f"{_prefix(where)}layer {layer.name}: at strength {s:g} ({mode}) in bypass mode"
     parts = [patch.rotations] + ([patch.scale] if patch.scale is not None else [])
     if not all(all_finite(t) for t in parts):
-        raise BoftError(f"{head} its prepared rotation is not finite ({_patch_values(patch)}).")
-    g = patch_gain(patch)
+        raise BoftError(f"{head} its prepared rotation is not finite ({_values(layer)}).")
+    g = gain(layer, s, mode, where)
     if not g < AMPLIFY_MAX:  # NaN too
-        raise BoftError(f"{head} its output could be up to {g:.3g} times the layer's own: "
-                        f"{_patch_values(patch)}. The model would compute inf or NaN (a black image). "
-                        "Use a smaller strength, or a file with sane values.")
+        raise BoftError(f"{head} its output could be up to {g:.3g} times the layer's own: {_values(layer)}. "
+                        "The model would compute inf or NaN (a black image). Use a smaller strength, "
+                        "or a file with sane values.")
     return g
-
-
-def patch_gain(patch: Patch) -> float:
-    """An upper bound of how many times a prepared ``patch`` can enlarge a layer's output (or, the
-    same, its weight's lines): ``max|scale| * prod_k max(1, max_t ‖R_k,t‖₂)`` with the blocks as
-    prepared (the strength folded in); the linear mode's blend ``y + c (y' - y)`` gives
-    ``|1 - c| + |c| *`` that. inf when the bound overflows."""
-    if patch.rotations.numel() == 0:
-        rotation = 1.0
-    else:
-        norms = block_norm_bound(patch.rotations).amax(dim=1).clamp_min(1.0)
-        rotation = float(torch.prod(norms.cpu()))
-    scale = 1.0 if patch.scale is None or not patch.scale.numel() else _largest(patch.scale)
-    g = scale * rotation
-    if patch.blend is not None:
-        c = float(patch.blend)
-        g = abs(1 - c) + abs(c) * g
-    return g if math.isfinite(g) else math.inf
 
 
 def gain(layer: BoftLayer, strength: float, mode: str, where: str = "") -> float:
@@ -271,11 +254,6 @@ def _largest(t: torch.Tensor) -> float:
 def _values(layer: BoftLayer) -> str:
     text = f"blocks up to {_largest(layer.blocks):.3g}"
     return text + (f", scale up to {_largest(layer.scale):.3g}" if layer.scale is not None else "")
-
-
-def _patch_values(patch: Patch) -> str:
-    text = f"prepared rotation blocks up to {_largest(patch.rotations):.3g}"
-    return text + (f", scale up to {_largest(patch.scale):.3g}" if patch.scale is not None else "")
 
 
 def _prefix(where: str) -> str:

@@ -211,7 +211,7 @@ class BOFTAdapter(WeightAdapterBase):
         seen = (self.weights[6], strength, self.weights[4], "bypass")
         if seen in FINITE:
             return
-        check_bypass(patch, strength, self.weights[4])
+        check_bypass(self.layer(), patch, strength, self.weights[4])
         if len(FINITE) >= FINITE_LIMIT:
             FINITE.clear()
         FINITE.add(seen)

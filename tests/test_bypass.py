@@ -286,7 +286,7 @@ def test_bypass_guard_refuses_non_finite_and_huge_outputs_before_computing(bypas
     cases = [
         (replace(layer, scale=huge, token="guard-huge"), 1.0, "lycoris",
          r"layer layer: at strength 1 \(lycoris\) in bypass mode its output could be up to 1[.0-9]*e\+07 times "
-         r"the layer's own: .*scale up to 1e\+07"),
+         r"the layer's own: blocks up to .*scale up to 1e\+07"),
         (replace(layer, scale=huge * float("inf"), token="guard-inf"), 1.0, "orthogonal",
          r"layer layer: at strength 1 \(orthogonal\) in bypass mode its prepared rotation is not finite"),
         (layer, float("nan"), "lycoris", r"layer layer: bypass strength must be a finite number, got nan"),
@@ -299,7 +299,7 @@ def test_bypass_guard_refuses_non_finite_and_huge_outputs_before_computing(bypas
     adapter_mod = sys.modules[pack.__name__ + ".nodes.adapter"]
     calls = []
     real = adapter_mod.check_bypass
-    monkeypatch.setattr(adapter_mod, "check_bypass", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    monkeypatch.setattr(adapter_mod, "check_bypass", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     adapter = adapter_cls.from_layer(layer, "lycoris")
     for s in (2.0, 2.0, 2.0, 0.5, 0.5):
         got = run_bypass(comfy, root, adapter, s, x)
