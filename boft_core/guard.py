@@ -4,6 +4,10 @@
 * :func:`load`: :func:`formats.read_file` plus :func:`check_rotations` on every layer, so a file
   whose rotations cannot be computed (blocks so large that the Cayley solve fails or loses
   orthogonality) is refused when it is read.
+* :func:`check_bypass`: the same guard for bypass mode, where no weight is written and each
+  layer's output is rotated at run time (``scale * B(s) (f(x) - b) + b``, or ``f(Bᵀ x)`` scaled): a
+  layer prepared at a strength must be finite, and its output at most ``AMPLIFY_MAX`` times the
+  layer's own (the merge's :func:`gain`), checked once per strength when the layer is prepared.
 * :func:`check_merge`: the one finite-result guard, run before any weight is written. It refuses a
   layer, strength and mode whose merged weight could be non-finite in the weight's working dtype
   (or over a million times the layer's own), from the bound ``|W'_ij| <= gain * max line norm
@@ -26,7 +30,7 @@ import math
 import torch
 
 from .formats import BoftError, BoftFile, BoftLayer, all_finite, read_file
-from .merge import MODES, merge_weight, prepare
+from .merge import MODES, Patch, merge_weight, prepare
 
 SAFE_GENERATOR = 100.0  # ‖Q‖_F of a block up to which the float32 Cayley solve is accurate to ~1e-4
 ROUNDING = 1.01  # slack per stage for float32 rounding in the bounds computed without the rotation
@@ -119,6 +123,27 @@ def check_merge(layer: BoftLayer, strength: float, mode: str, weight: torch.Tens
     if layer.bias is not None and not abs(s) * _largest(layer.bias) < min(limit / 4, AMPLIFY_MAX):
         raise BoftError(f"{head} its merged bias would be out of range (bias values up to "
                         f"{_largest(layer.bias):.3g}).")
+    return g
+
+
+def check_bypass(layer: BoftLayer, patch: Patch, strength, mode: str, where: str = "") -> float:
+    """BoftError (naming the layer and the values) unless ``patch``, ``layer`` prepared at ``strength``
+    in ``mode`` for bypass mode, keeps every output finite: the strength a finite number, the
+    prepared rotation blocks and scale finite, and the output at most ``AMPLIFY_MAX`` times the
+    layer's own. The output of a bypassed layer is its merged weight's, so the bound is the merge's
+    gain (:func:`gain`, from the file alone: cheap for every sane layer); bypass reads no weight and
+    the activations are not known ahead of a forward, so the gain alone decides. Run it once per
+    strength, before the first forward uses the patch. Returns the gain."""
+    s = check_strength(strength, f"{_prefix(where)}layer {layer.name}: strength")
+    head = f"{_prefix(where)}layer {layer.name}: at strength {s:g} ({mode}) in bypass mode"
+    parts = [patch.rotations] + ([patch.scale] if patch.scale is not None else [])
+    if not all(all_finite(t) for t in parts):
+        raise BoftError(f"{head} its prepared rotation is not finite ({_values(layer)}).")
+    g = gain(layer, s, mode, where)
+    if not g < AMPLIFY_MAX:  # NaN too
+        raise BoftError(f"{head} its output could be up to {g:.3g} times the layer's own: {_values(layer)}. "
+                        "The model would compute inf or NaN (a black image). Use a smaller strength, "
+                        "or a file with sane values.")
     return g
 
 

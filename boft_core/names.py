@@ -3,7 +3,10 @@
 * the prefixes trainers put before a model path (``lycoris_``, ``lora_unet_``, ``base_model.model.``,
   ``transformer.``, ...) and the text-encoder roots (``lora_te_``, ``lora_te1_``, ``lora_te2_``);
 * :func:`boft_r_kind`: whether a ``boft_R`` file is PEFT's or kohya's (metadata, then prefix);
-* :func:`guess_family`: the model family a file's layer names suggest.
+* :func:`guess_family`: the model family a file's layer names suggest;
+* :func:`candidates`: the names ComfyUI's key maps may know a layer by (``nodes/keymap.py`` looks
+  them up), and :func:`is_text_encoder_layer` (a text encoder's layer: Create Hook BOFT splits a
+  file between the model and the CLIP with it).
 
 ``formats`` (detection), ``stats``/``blocks`` (sections), ``cli`` (matching a checkpoint's keys),
 ``nodes/keymap.py`` (ComfyUI's key maps) and ``nodes/adapter.py`` import these; none keeps a copy.
@@ -81,6 +84,64 @@ FAMILIES = (
     (r"input_blocks|output_blocks|down_blocks|up_blocks|middle_block|mid_block", "SD1.x/SD2.x"),
     (r"text_model|encoder_layers|lora_te", "a text encoder only"),
 )
+
+
+def candidates(name: str):
+    """Names ComfyUI's key maps may know this layer by, most specific first.
+
+    Adds what the core maps miss: kohya OFT's ``oft_unet_`` names, PEFT ``base_model.model.`` and
+    diffusers ``unet.`` names with the new attention naming (``attn1.to_q``, ``to_out.0``), PEFT text-encoder names,
+    transformers-5 text-encoder names without ``text_model`` (``lora_te_encoder_layers_...``),
+    the model's native paths under any trainer's prefix (``transformer.``, ``lycoris_``,
+    ``lora_transformer_``: ComfyUI maps ``diffusion_model.<path>`` and ``lora_unet_<path>`` for every
+    model), and Wan in diffusers' naming (``blocks.0.attn1.to_q`` is ``blocks.0.self_attn.q``).
+    """
+    yield name
+    if name.startswith("oft_unet_"):  # kohya sd-scripts networks.oft: its lora_unet_ names, renamed
+        yield "lora_unet_" + name[len("oft_unet_"):]
+        return
+    path = name
+    for prefix in (PEFT_PREFIX, "unet.", "transformer."):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+            yield path
+    flat = path.replace(".", "_")
+    if path.startswith(("text_model.", "encoder.layers.")):
+        te = flat if flat.startswith("text_model_") else "text_model_" + flat
+        yield "lora_te_" + te
+        yield "lora_te1_" + te
+        return
+    for prefix in ("text_encoder.", "text_encoder_2."):
+        if path.startswith(prefix):
+            rest = path[len(prefix):].replace(".", "_")
+            rest = rest if rest.startswith("text_model_") else "text_model_" + rest
+            yield ("lora_te2_" if prefix == "text_encoder_2." else "lora_te_") + rest
+            yield "lora_te1_" + rest
+            return
+    for prefix in TE_ROOTS:
+        if flat.startswith(prefix + "encoder_"):
+            yield prefix + "text_model_" + flat[len(prefix):]
+            return
+    if "." in name:  # a dotted name (after any prefix the path may be one word: transformer.proj_out)
+        yield "lora_unet_" + flat  # diffusers path; ComfyUI maps its underscored form
+        yield "lycoris_" + flat
+        yield "diffusion_model." + path  # a native path under another prefix (0.3.75: also Z-Image's diffusers map)
+        if wan_native(path) != path:
+            yield "diffusion_model." + wan_native(path)  # Wan in diffusers' naming: ComfyUI maps none
+        return
+    for prefix in UNDERSCORED_ROOTS:  # a flattened native (or Wan diffusers) path: ComfyUI maps lora_unet_<it>
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            yield "lora_unet_" + rest
+            if wan_native(rest, "_") != rest:
+                yield "lora_unet_" + wan_native(rest, "_")
+            return
+
+
+def is_text_encoder_layer(name: str) -> bool:
+    """Whether a layer name is a text encoder's: one of the names ComfyUI's key maps may know it by
+    (:func:`candidates`) has a text-encoder root (what ComfyUI's CLIP key map holds)."""
+    return any(c.startswith(TE_ROOTS) for c in candidates(name))
 
 
 def strip_prefix(name: str, text_encoders: bool = False) -> str:

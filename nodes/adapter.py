@@ -5,10 +5,20 @@ from __future__ import annotations
 import torch
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from ..boft_core import BoftError, BoftLayer, apply, bias_delta, bypass, check_merge, check_weight, try_merge_into
+from ..boft_core import (
+    BoftError,
+    BoftLayer,
+    apply,
+    bias_delta,
+    bypass,
+    check_merge,
+    check_strength,
+    check_weight,
+    try_merge_into,
+)
 from ..boft_core.cache import PatchCache
 from ..boft_core.formats import boft_r_layer, lycoris_layer
-from ..boft_core.guard import FREE_GAIN, check_rotations
+from ..boft_core.guard import FREE_GAIN, check_bypass, check_rotations
 from ..boft_core.names import boft_r_kind
 
 # Every adapter of this process shares one cache of prepared layers, keyed by the token in its
@@ -16,7 +26,8 @@ from ..boft_core.names import boft_r_kind
 # start empty each time. Its budgets are the loader's to set (prepare_all).
 CACHE = PatchCache()
 # (token, strength, mode, dtype) the finite-result guard passed from the file alone: adapters are
-# rebuilt at every load on 0.28, and the low-VRAM path calls calculate_weight per forward.
+# rebuilt at every load on 0.28, and the low-VRAM path calls calculate_weight per forward; and
+# (token, strength, mode, "bypass") the bypass guard passed.
 FINITE: set[tuple] = set()
 FINITE_LIMIT = 1 << 16
 # BoftLayer fields besides the tensors that decide its rotations (kohya/OneTrainer's conv and
@@ -183,12 +194,27 @@ class BOFTAdapter(WeightAdapterBase):
     def _bypass_patch(self, strength: float, device):
         """The prepared rotation, held by this adapter while it is injected: a forward needs every
         layer's rotation on the device each time (as core holds a LoRA's weights there), and the
-        shared cache's device budget would evict and re-copy them on every step."""
+        shared cache's device budget would evict and re-copy them on every step. A new strength is
+        checked (``guard.check_bypass``: finite, a bounded gain) before any forward uses it."""
         key = (strength, device)
         held = getattr(self, "_held", None)
         if held is None or held[0] != key:
-            held = self._held = (key, self.patch_for(strength, device, torch.float32))
+            check_strength(strength, f"layer {self.weights[5]}: bypass strength")  # NaN: refused before preparing
+            patch = self.patch_for(strength, device, torch.float32)
+            self.check_bypass(patch, strength)
+            held = self._held = (key, patch)
         return held[1]
+
+    def check_bypass(self, patch, strength) -> None:
+        """The bypass guard (``boft_core.guard.check_bypass``) on this layer's prepared ``patch``, once
+        per (layer, strength, mode) in this process; a refusal fails the forward before it computes."""
+        seen = (self.weights[6], strength, self.weights[4], "bypass")
+        if seen in FINITE:
+            return
+        check_bypass(self.layer(), patch, strength, self.weights[4])
+        if len(FINITE) >= FINITE_LIMIT:
+            FINITE.clear()
+        FINITE.add(seen)
 
     def _merged_conv(self, module, patch, x):
         """An input-side BOFT on a convolution: the weight merged on the fly in the working dtype
@@ -202,7 +228,7 @@ class BOFTAdapter(WeightAdapterBase):
     def g(self, y):
         """``scale * B(s) y`` on the channels (the bias rotated too, as LyCORIS's bypass does); the
         hook calls :meth:`bypass_forward` instead, which equals the merge. Output side only."""
-        patch = self.patch_for(float(getattr(self, "multiplier", 1.0)), y.device, torch.float32)
+        patch = self._bypass_patch(float(getattr(self, "multiplier", 1.0)), y.device)
         if patch.side != "out":
             raise BoftError(f"layer {self.weights[5]}: an input-side BOFT has no output transform g().")
         # a copy to rotate: bypass() writes over what ``forward`` returns, and ``y`` is the caller's

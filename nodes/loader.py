@@ -263,6 +263,7 @@ def plan_patches(boft_file: BoftFile, model, clip, mode: str, strength_model: fl
     patches = {"model": {}, "clip": {}}
     strengths = {"model": {}, "clip": {}}
     missing = []
+    off = 0  # layers found but at strength 0 (block weight 0): left as they are, not missing
     owners = {}  # file layer -> (part, model weight, first row, end row)
     for name, layer in boft_file.layers.items():
         hit = resolve(target_name(layer), unet_map, te_map)
@@ -279,6 +280,7 @@ def plan_patches(boft_file: BoftFile, model, clip, mode: str, strength_model: fl
         strength = (strength_model if where == "model" else strength_clip) * (
             weights.weight(name) if weights is not None else 1.0)
         if strength == 0:
+            off += 1
             continue  # block weight 0: the block stays as it is (as strength 0 does for the whole node)
         try:
             layer = fit(layer, _target_shape(roots[where], key))
@@ -314,6 +316,7 @@ def plan_patches(boft_file: BoftFile, model, clip, mode: str, strength_model: fl
         strength = (strength_model if where == "model" else strength_clip) * (
             weights.weight(name) if weights is not None else 1.0)
         if strength == 0:
+            off += 1
             continue
         if key in patches[where]:
             raise BoftError(f"{boft_file.path}: layer {name} and a BOFT layer both change the model's {key}; "
@@ -323,7 +326,7 @@ def plan_patches(boft_file: BoftFile, model, clip, mode: str, strength_model: fl
         strengths[where][key] = strength
         handed[name] = host_layers[key][1]
     missing = sorted(set(missing), key=missing.index)
-    if not patches["model"] and not patches["clip"]:
+    if not patches["model"] and not patches["clip"] and not off:
         family = guess_family(boft_file.layers)
         sample = ", ".join(list(boft_file.layers)[:3])
         raise BoftError(
@@ -390,7 +393,7 @@ def apply_boft(model, clip, boft_name, strength_model, strength_clip, mode, uniq
     used = "/".join(sorted(set(how.values())))
     applied = sum(isinstance(p, BOFTAdapter) for group in patches.values() for p in group.values())
     rule = constraint_rule(boft_file)
-    report = (f"BOFT {os.path.basename(boft_name)} ({boft_file.format}, {mode}, {used}"
+    report = (f"BOFT {os.path.basename(boft_name)} ({boft_file.format}, {mode}{', ' + used if used else ''}"
               f"{'' if rule == 'none' else f', constraint rule {rule}'}): applied "
               f"{applied} of {len(boft_file.layers)} layers")
     report += f" (model {sum(isinstance(p, BOFTAdapter) for p in patches['model'].values())}"

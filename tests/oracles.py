@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -26,6 +27,28 @@ def within_one_ulp(got: torch.Tensor, want64: torch.Tensor) -> bool:
     err = (got.double() - want64).abs()
     slack = 1e-6 * want64.abs().max()
     return bool((err <= ulp + slack).all() and err.max() <= (rounded.double() - want64).abs().max() + slack)
+
+
+def peft_folder_renamed(saved, folder, paths: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The adapter PEFT saved in ``saved`` (``save_pretrained``) written again as the adapter folder
+    ``folder`` (weights + PEFT's own ``adapter_config.json``) with every layer's module path renamed
+    by ``paths`` (``{path: new path}``, e.g. ``tiny_models.diffusers_paths``): the file PEFT writes
+    for the same model under those names. The renamed tensors."""
+    from safetensors.torch import load_file, save_file
+
+    saved, folder = Path(saved), Path(folder)
+    renamed = {}
+    for key, value in load_file(str(saved / "adapter_model.safetensors")).items():
+        rest = key[len("base_model.model."):]
+        parts = rest.split(".")
+        path = next((".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in paths), None)
+        if path is None:
+            raise AssertionError(f"{key}: no new name for its module path")
+        renamed[f"base_model.model.{paths[path]}{rest[len(path):]}"] = value
+    folder.mkdir()
+    save_file(renamed, str(folder / "adapter_model.safetensors"), {"format": "pt"})
+    (folder / "adapter_config.json").write_text((saved / "adapter_config.json").read_text())
+    return renamed
 
 
 class Toy(nn.Module):

@@ -240,6 +240,20 @@ def test_chained_with_a_lora_per_block(comfy, pack, sd15_ckpt, loras_dir):
 
 
 @pytest.mark.usefixtures("lycoris_prefix")
+def test_every_block_at_weight_0_leaves_the_model_as_it_is(comfy, pack, sd15_ckpt, loras_dir):
+    """Every layer at block weight 0 (``default:0``) is no wrong base model: the node returns its
+    input model with no patch and says so, as at strength 0."""
+    model = load_model(comfy, sd15_ckpt)
+    path = loras_dir / "blocks_all_off.safetensors"
+    unet_adapter(path, comfy, model)
+    node = pack.NODE_CLASS_MAPPINGS["BOFTLoaderModelOnly"]()
+    out = node.load_boft(model, path.name, 1.0, "lycoris", block_weights="default:0")
+    report = out["ui"]["boft_report"][0]
+    assert out["result"][0] is model and not model.patches, report
+    assert "applied 0 of 51" in report and "51 layers at weight 0" in report, report
+
+
+@pytest.mark.usefixtures("lycoris_prefix")
 def test_wrong_block_weights_fail_before_anything_is_patched(comfy, pack, sd15_ckpt, loras_dir):
     from importlib import import_module
 

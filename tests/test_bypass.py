@@ -11,6 +11,7 @@ float16/bfloat16. Fresh random data everywhere. 0.3.75 has no bypass: those test
 import re
 import sys
 import zlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -263,3 +264,96 @@ def test_fp8_model_auto_bypasses_and_keeps_its_weights_bit_for_bit(bypass_host, 
            for what, y in (("bypass", bypass), ("merge", merge_), ("unpatched fp8", plain8))}
     print("\nfp8 UNet output, relative distance to the float32 model with the BOFT merged:", err)
     assert err["bypass"] <= err["merge"], err
+
+
+# --- the finite guard on the bypass path ----------------------------------------------------------
+
+
+def test_bypass_guard_refuses_non_finite_and_huge_outputs_before_computing(bypass_host, pack, monkeypatch):
+    """In bypass mode no weight is written, so the merge's guard never sees the layer: a rescale of
+    1e7, a non-finite rescale, a non-finite strength or a lycoris blend that blows up (s = 1e4, three
+    stages) is refused at the first forward, naming the layer and the value, before any output;
+    a sane layer passes and is checked once per strength, not per forward."""
+    comfy = bypass_host
+    adapter_cls = adapter_class(pack)
+    error = sys.modules[pack.__name__ + ".boft_core"].BoftError
+    gen = torch.Generator().manual_seed(seed("guard"))
+    root = host_module(comfy, False, "out", gen)
+    x = inputs(root, gen, torch.float32)
+    layer = make_layer(gen, "lycoris-boft", 32, 32)
+    huge = torch.ones(32)
+    huge[5] = 1e7
+    cases = [
+        (replace(layer, scale=huge, token="guard-huge"), 1.0, "lycoris",
+         r"layer layer: at strength 1 \(lycoris\) in bypass mode its output could be up to 1[.0-9]*e\+07 times "
+         r"the layer's own: blocks up to .*scale up to 1e\+07"),
+        (replace(layer, scale=huge * float("inf"), token="guard-inf"), 1.0, "orthogonal",
+         r"layer layer: at strength 1 \(orthogonal\) in bypass mode its prepared rotation is not finite"),
+        (layer, float("nan"), "lycoris", r"layer layer: bypass strength must be a finite number, got nan"),
+        (layer, 1e4, "lycoris", r"at strength 10000 \(lycoris\) in bypass mode its output could be up to"),
+    ]
+    for bad, s, mode, message in cases:
+        with pytest.raises(error, match=message):
+            run_bypass(comfy, root, adapter_cls.from_layer(bad, mode), s, x)
+
+    adapter_mod = sys.modules[pack.__name__ + ".nodes.adapter"]
+    calls = []
+    real = adapter_mod.check_bypass
+    monkeypatch.setattr(adapter_mod, "check_bypass", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    adapter = adapter_cls.from_layer(layer, "lycoris")
+    for s in (2.0, 2.0, 2.0, 0.5, 0.5):
+        got = run_bypass(comfy, root, adapter, s, x)
+        want = merged_output(root, layer, s, "lycoris", x)
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-5, s
+    assert calls == [2.0, 0.5]  # once per strength
+
+
+def huge_rescale_file(loras_dir, name, source):
+    """``source`` (a LyCORIS file) with one channel of one layer's rescale set to 1e7."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(loras_dir / source))
+    key = sorted(k for k in tensors if k.endswith(".rescale"))[0]
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[3] = 1e7
+    save_file(tensors, str(loras_dir / name))
+    return key[: -len(".rescale")]
+
+
+def test_loader_apply_bypass_refuses_a_huge_rescale_before_injecting(bypass_host, pack, sd15_ckpt, loras_dir):
+    """Our loader with apply=bypass: a file whose rescale reaches 1e7 fails when the node runs
+    (every layer's values are checked at its strength before anything is injected), naming the
+    file, the layer and the value; the model gets no hook and no patch."""
+    comfy = bypass_host
+    model, node = loader_setup(comfy, pack, sd15_ckpt, loras_dir, "guard_source.safetensors")
+    layer = huge_rescale_file(loras_dir, "guard_huge.safetensors", "guard_source.safetensors")
+    error = sys.modules[pack.__name__ + ".boft_core"].BoftError
+    with pytest.raises(error, match=rf"guard_huge\.safetensors: layer {layer}: at strength 1 \(lycoris\).*1e\+07"):
+        node.load_boft(model, "guard_huge.safetensors", 1.0, apply="bypass")
+    assert not model.patches and not any(k.startswith("boft_bypass_") for k in model.injections)
+
+
+def test_core_lora_loader_bypass_reaches_the_guard(bypass_host, pack, sd15_ckpt, loras_dir):
+    """Core's LoraLoaderBypass path (``comfy.sd.load_bypass_lora_for_models``, our adapter from core's
+    adapter list) checks nothing itself: the first forward fails in our adapter, naming the layer
+    and the value, before any output, for a rescale of 1e7 and for a NaN strength (which passes
+    the node's min/max); the weights stay untouched, and a sane file at a finite strength runs."""
+    comfy = bypass_host
+    model, _ = loader_setup(comfy, pack, sd15_ckpt, loras_dir, "guard_source.safetensors")
+    layer = huge_rescale_file(loras_dir, "guard_huge.safetensors", "guard_source.safetensors")
+    error = sys.modules[pack.__name__ + ".boft_core"].BoftError
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+
+    def core_bypass(name, strength):
+        lora = comfy.utils.load_torch_file(str(loras_dir / name), safe_load=True)
+        patcher = comfy.sd.load_bypass_lora_for_models(model, None, lora, strength, 0.0)[0]
+        assert patcher.injections and not patcher.patches
+        return patcher
+
+    with pytest.raises(error, match=rf"layer {layer}: at strength 1 \(lycoris\) in bypass mode.*1e\+07"):
+        unet_output(comfy, core_bypass("guard_huge.safetensors", 1.0))
+    with pytest.raises(error, match=r"bypass strength must be a finite number, got nan"):
+        unet_output(comfy, core_bypass("guard_source.safetensors", float("nan")))
+    assert torch.isfinite(unet_output(comfy, core_bypass("guard_source.safetensors", 1.0))).all()
+    for k, v in model.model.state_dict().items():
+        assert torch.equal(v, before[k]), k

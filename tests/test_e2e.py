@@ -192,17 +192,9 @@ def test_peft_boft_equals_peft_merged_checkpoint(server, sd15, loras, comfy, tmp
     merged = oracles.peft_merged(peft_model)
     # ComfyUI's UNet has ldm module paths; a diffusers-trained adapter names the same layers
     # by diffusers paths (new attention naming, attn1.to_q): rename with ComfyUI's own table.
-    to_ldm = comfy.utils.unet_to_diffusers(sd15.model.model.model_config.unet_config)
-    to_diffusers = {v[: -len(".weight")]: k[: -len(".weight")] for k, v in to_ldm.items() if k.endswith(".weight")}
-    renamed = {}
-    for key, value in load_file(str(saved / "adapter_model.safetensors")).items():
-        path, suffix = key[len("base_model.model."):].rsplit(".", 1)
-        renamed[f"base_model.model.{to_diffusers[path]}.{suffix}"] = value
-    assert any(".attn1.to_q.boft_R" in k for k in renamed) and any("ff.net.2" in k for k in renamed)
     folder = loras / "e2e_peft"
-    folder.mkdir()
-    save_file(renamed, str(folder / "adapter_model.safetensors"), {"format": "pt"})
-    (folder / "adapter_config.json").write_text((saved / "adapter_config.json").read_text())
+    renamed = oracles.peft_folder_renamed(saved, folder, tiny_models.diffusers_paths(sd15.model))
+    assert any(".attn1.to_q.boft_R" in k for k in renamed) and any("ff.net.2" in k for k in renamed)
     assert load_file(str(folder / "adapter_model.safetensors"))[next(iter(renamed))].shape[0] == 2  # factors
 
     ckpt = "e2e_peft_merged.safetensors"
@@ -448,8 +440,7 @@ def test_sdxl_sgm_and_diffusers_names(server, loras, comfy, pack, tmp_path):
     assert len(write_boft(sgm, sdxl.unet, "lora_unet", SDXL_SGM_LAYERS, rescaled=True)) == 3 * 4
     ldm_named = tmp_path / "sdxl_ldm_named.safetensors"
     write_boft(ldm_named, sdxl.unet, "lycoris", SDXL_DIFFUSERS_LAYERS, seed=4)
-    to_ldm = comfy.utils.unet_to_diffusers(sdxl.model.model.model_config.unet_config)
-    to_diffusers = {v[: -len(".weight")]: k[: -len(".weight")] for k, v in to_ldm.items() if k.endswith(".weight")}
+    to_diffusers = tiny_models.diffusers_paths(sdxl.model)
     renames = {"lycoris_" + p.replace(".", "_"): "lycoris_" + to_diffusers[p].replace(".", "_")
                for p in SDXL_DIFFUSERS_LAYERS}
     diffusers = loras / "e2e_sdxl_diffusers.safetensors"
@@ -586,17 +577,8 @@ def test_peft_oftv2_equals_peft_merged_checkpoint(server, sd15, loras, comfy, tm
     saved = tmp_path / "peft_oft"
     peft_model.save_pretrained(str(saved))
     merged = oracles.peft_merged(peft_model)
-    to_ldm = comfy.utils.unet_to_diffusers(sd15.model.model.model_config.unet_config)
-    to_diffusers = {v[: -len(".weight")]: k[: -len(".weight")] for k, v in to_ldm.items() if k.endswith(".weight")}
-    renamed = {}
-    for key, value in load_file(str(saved / "adapter_model.safetensors")).items():
-        path, suffix = key[len("base_model.model."):].split(".oft_R.")
-        renamed[f"base_model.model.{to_diffusers[path]}.oft_R.{suffix}"] = value
+    renamed = oracles.peft_folder_renamed(saved, loras / "e2e_peft_oft", tiny_models.diffusers_paths(sd15.model))
     assert any(".attn1.to_q.oft_R.weight" in k for k in renamed) and any("proj_in.oft_R" in k for k in renamed)
-    folder = loras / "e2e_peft_oft"
-    folder.mkdir()
-    save_file(renamed, str(folder / "adapter_model.safetensors"), {"format": "pt"})
-    (folder / "adapter_config.json").write_text((saved / "adapter_config.json").read_text())
 
     ckpt = "e2e_peft_oft_merged.safetensors"
     replaced = changed(sd15.unet_sd, {k: v for k, v in merged.items() if k in sd15.unet_sd}, UNET_PREFIX)

@@ -16,9 +16,10 @@ import sys
 
 import oracles
 import pytest
+import tiny_models
 import torch
 from lycoris_comfy import write_boft
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import boft_core
 
@@ -121,17 +122,8 @@ def peft_diffusers_adapter(comfy, model, folder, seed=7):
     oracles.randomize(peft_model, ("base_layer.bias",), seed + 1, std=0.5)
     saved = folder.parent / (folder.name + "_ldm")
     peft_model.save_pretrained(str(saved))
-    to_ldm = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
-    to_diffusers = {v[: -len(".weight")]: k[: -len(".weight")] for k, v in to_ldm.items() if k.endswith(".weight")}
-    renamed = {}
-    for key, value in load_file(str(saved / "adapter_model.safetensors")).items():
-        rest = key[len("base_model.model."):]
-        suffix = next(s for s in (".base_layer.bias", ".boft_R", ".boft_s") if rest.endswith(s))
-        renamed[f"base_model.model.{to_diffusers[rest[: -len(suffix)]]}{suffix}"] = value
+    renamed = oracles.peft_folder_renamed(saved, folder, tiny_models.diffusers_paths(model))
     assert any(".attn1.to_q.boft_R" in k for k in renamed) and any(k.endswith(".base_layer.bias") for k in renamed)
-    folder.mkdir()
-    save_file(renamed, str(folder / "adapter_model.safetensors"), {"format": "pt"})
-    (folder / "adapter_config.json").write_text((saved / "adapter_config.json").read_text())
     return peft_model
 
 
@@ -194,10 +186,14 @@ def test_peft_names_and_bias_need_create_hook_boft(comfy, pack, nh, sd15_ckpt, l
         assert torch.equal(unet.state_dict()[key].float(), value), key
 
 
-def test_create_hook_boft_on_clip_with_set_clip_hooks(comfy, pack, nh, sd15_clip_ckpt, loras_dir):
+@pytest.mark.parametrize("block_weights,te_weight", [("", 1.0), ("TE:0.5, IN:0", 0.5), ("BASE:0", 0.0)],
+                         ids=["all", "te-half", "te-off"])
+def test_create_hook_boft_on_clip_with_set_clip_hooks(comfy, pack, nh, sd15_clip_ckpt, loras_dir, block_weights,
+                                                      te_weight):
     """SetClipHooks with Create Hook BOFT on a file holding UNet and text-encoder layers: the
-    CLIP gets exactly the text-encoder layers, each our merge at strength_clip (orthogonal mode),
-    the UNet part stays for the model; loading the CLIP applies them, unloading restores it."""
+    CLIP gets exactly the text-encoder layers, each our merge at strength_clip x the text
+    encoder's block weight (orthogonal mode; at weight 0 no patch at all), the UNet part stays
+    for the model; loading the CLIP applies them, unloading restores it."""
     import tiny_models
 
     model, clip, _ = tiny_models.load_checkpoint(sd15_clip_ckpt, with_vae=False, with_clip=True)
@@ -215,16 +211,21 @@ def test_create_hook_boft_on_clip_with_set_clip_hooks(comfy, pack, nh, sd15_clip
     path = loras_dir / "hook_te.safetensors"
     save_file(tensors, str(path))
     layer = boft_core.load(str(path)).layers[te_name]
-    hooks = pack.NODE_CLASS_MAPPINGS["BOFTCreateHook"]().create_hook(path.name, 1.0, 0.7, "orthogonal")[0]
+    hooks = pack.NODE_CLASS_MAPPINGS["BOFTCreateHook"]().create_hook(path.name, 1.0, 0.7, "orthogonal",
+                                                                      block_weights=block_weights)[0]
     hooked = nh.SetClipHooks().apply_hooks(clip, schedule_clip=False, apply_to_conds=True, hooks=hooks)[0]
-    patches = hooked.patcher.hook_patches[hooks.hooks[0].hook_ref]
-    assert list(patches) == [te_key]  # only the text-encoder layer; the UNet one waits for the model
+    patches = hooked.patcher.hook_patches.get(hooks.hooks[0].hook_ref, {})
+    # only the text-encoder layer (none at weight 0); the UNet one waits for the model
+    assert list(patches) == ([te_key] if te_weight else [])
     base = te_sd[te_key].detach().clone()
     comfy.model_management.load_models_gpu([hooked.patcher])  # as CLIPTextEncode does: forced hooks applied
     try:
         got = hooked.cond_stage_model.state_dict()[te_key]  # in the text encoder's dtype
-        want = boft_core.merge_weight(base.double(), layer, 0.7, "orthogonal")
-        assert not torch.equal(got, base) and oracles.within_one_ulp(got, want)
+        if te_weight:
+            want = boft_core.merge_weight(base.double(), layer, 0.7 * te_weight, "orthogonal")
+            assert not torch.equal(got, base) and oracles.within_one_ulp(got, want)
+        else:
+            assert torch.equal(got, base)
     finally:
         hooked.patcher.unpatch_model(hooked.patcher.offload_device)
         comfy.model_management.unload_all_models()
@@ -315,5 +316,114 @@ def test_create_hook_boft_bad_input_fails_clearly_and_touches_nothing(comfy, pac
     truncated.write_bytes(flux.read_bytes()[:100])
     with pytest.raises(error, match="hook_truncated"):
         node.create_hook(truncated.name, 1.0, 0.0, "lycoris")
+    for k, v in model.model.diffusion_model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# --- block_weights --------------------------------------------------------------------------------
+BW_TARGETS = TARGETS + ("time_embed.0",)  # input_blocks.1, output_blocks.0/1 (the tiny UNet has no middle block)
+# LoRA Block Weight's 17-value SD1 order (hako-mikan's README, "Weights Setting"): the oracle's own copy
+LBW17 = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID", "OUT03", "OUT04", "OUT05", "OUT06",
+         "OUT07", "OUT08", "OUT09", "OUT10", "OUT11")
+
+
+def named_weight(key: str) -> float:
+    """'IN:0.5, OUT01:0, OUT:1.5' read from the model key (a block id wins over its group; the
+    README's IN group holds the time embedding too)."""
+    for root, w in (("diffusion_model.input_blocks.", 0.5), ("diffusion_model.time_embed.", 0.5),
+                    ("diffusion_model.output_blocks.1.", 0.0), ("diffusion_model.output_blocks.", 1.5)):
+        if key.startswith(root):
+            return w
+    return 1.0
+
+
+VECTOR = {"IN01": 1.75}  # every other entry 0: the tiny UNet's OUT00/OUT01 are not among the 17, they get 0
+
+
+def vector_weight(key: str) -> float:
+    """The 17-value vector below read from the model key: LBW ids from the block numbers; a block
+    the vector does not list gets 0, a layer in no block (time_embed) keeps 1."""
+    parts = key.split(".")
+    if parts[1] == "input_blocks":
+        block = f"IN{int(parts[2]):02d}"
+    elif parts[1] == "middle_block":
+        block = "MID"
+    elif parts[1] == "output_blocks":
+        block = f"OUT{int(parts[2]):02d}"
+    else:
+        return 1.0
+    return VECTOR.get(block, 0.0) if block in LBW17 else 0.0
+
+
+@pytest.mark.parametrize("block_weights,weight_of", [
+    ("IN:0.5, OUT01:0, OUT:1.5", named_weight),
+    (",".join(str(VECTOR.get(b, 0.0)) for b in LBW17), vector_weight),
+], ids=["named", "lbw17"])
+def test_create_hook_boft_block_weights_at_keyframes(comfy, pack, nh, sd15_ckpt, loras_dir, block_weights, weight_of):
+    """Create Hook BOFT with block_weights (the loaders' syntax): at every keyframe each layer is our
+    float64 merge at strength x its block's weight x keyframe (orthogonal mode, so a weight of 1.5
+    or 1.75 is a larger rotation), a block at weight 0 keeps its weight bit for bit; in the vector
+    a layer in no block (time_embed) keeps the node's strength. Block weights read from the model
+    keys here."""
+    model = load_model(sd15_ckpt)
+    path = loras_dir / "hook_blocks.safetensors"
+    if not path.exists():
+        write_boft(path, model.model.diffusion_model, "lora_unet", BW_TARGETS, rescaled=True, seed=13)
+    boft_file = boft_core.load(str(path))
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    key_of = {name: key_map[name] for name in boft_file.layers}
+    weights = {name: weight_of(key) for name, key in key_of.items()}
+    assert 0.0 in weights.values() and len(set(weights.values())) >= 3, weights
+    assert any(key.startswith("diffusion_model.time_embed.") for key in key_of.values())
+    base = {key: weight(comfy, model, key) for key in key_of.values()}
+
+    hooks = pack.NODE_CLASS_MAPPINGS["BOFTCreateHook"]().create_hook(
+        path.name, STRENGTH, 0.0, "orthogonal", block_weights=block_weights)[0]
+    kf = nh.CreateHookKeyframe().create_hook_keyframe(1.0, 0.0)[0]
+    kf = nh.CreateHookKeyframe().create_hook_keyframe(-0.6, 0.5, prev_hook_kf=kf)[0]
+    hooks = nh.SetHookKeyframes().set_hook_keyframes(hooks, kf)[0]
+    patcher = model.clone()
+    patcher.register_all_hook_patches(hooks, comfy.hooks.create_target_dict(comfy.hooks.EnumWeightTarget.Model))
+    patches = patcher.hook_patches[hooks.hooks[0].hook_ref]
+    assert set(patches) == {key_of[n] for n, w in weights.items() if w != 0}
+    seen = []
+    for _, k in walk_keyframes(comfy, patcher, hooks):
+        seen.append(float(k))
+        for name, layer in boft_file.layers.items():
+            key, w = key_of[name], weights[name]
+            got = weight(comfy, patcher, key)
+            if w == 0:
+                assert torch.equal(got, base[key]), name
+                continue
+            want = boft_core.merge_weight(base[key].double(), layer, float(STRENGTH * w * k), "orthogonal")
+            assert rel(got, want, base[key]) < 1e-5, (name, w, k)
+    assert seen == [1.0, -0.6]
+    for key, value in base.items():
+        assert torch.equal(weight(comfy, patcher, key), value), key
+
+
+def test_create_hook_boft_bad_block_weights_fail_clearly(comfy, pack, nh, sd15_ckpt, loras_dir):
+    """A block_weights string no family accepts fails when the node runs; one the model's family
+    does not accept (Flux's names on an SD1.5 model) fails when the hook is registered, naming the
+    file and what SD1.x accepts, before any patch; the weights stay as they are."""
+    from importlib import import_module
+
+    error = import_module(pack.__name__ + ".boft_core").BoftError
+    model = load_model(sd15_ckpt)
+    path = loras_dir / "hook_bad_blocks.safetensors"
+    write_boft(path, model.model.diffusion_model, "lora_unet", TARGETS, seed=14)
+    node = pack.NODE_CLASS_MAPPINGS["BOFTCreateHook"]()
+    with pytest.raises(error, match=r"hook_bad_blocks\.safetensors: block_weights 'IN:abc': 'abc' is not a number"):
+        node.create_hook(path.name, 1.0, 0.0, "lycoris", block_weights="IN:abc")
+    with pytest.raises(error, match=r"hook_bad_blocks\.safetensors: block_weights '1,1,1': 3 values"):
+        node.create_hook(path.name, 1.0, 0.0, "lycoris", block_weights="1,1,1")
+    hooks = node.create_hook(path.name, 1.0, 0.0, "lycoris", block_weights="double:1, single:0.5")[0]
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    patcher = model.clone()
+    with pytest.raises(error, match=r"hook_bad_blocks\.safetensors: block_weights 'double:1, single:0\.5': "
+                                    r"unknown block name 'double'\. For SD1\.x/SD2\.x models it accepts"):
+        patcher.register_all_hook_patches(hooks, comfy.hooks.create_target_dict(comfy.hooks.EnumWeightTarget.Model))
+    patcher.restore_hook_patches()
+    assert not patcher.hook_patches
     for k, v in model.model.diffusion_model.state_dict().items():
         assert torch.equal(v, before[k]), k

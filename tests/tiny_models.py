@@ -212,6 +212,16 @@ def make_sd15_checkpoint(path: str | os.PathLike, seed: int = 0, with_clip: bool
     return path
 
 
+def diffusers_paths(model) -> dict[str, str]:
+    """``{ComfyUI's (LDM/SGM) module path: its diffusers path}`` for a loaded SD-family ``model`` (a
+    ModelPatcher), from ComfyUI's own table (``comfy.utils.unet_to_diffusers``): how a
+    diffusers-trained adapter names the same layers (new attention naming, ``attn1.to_q``)."""
+    import comfy.utils
+
+    to_ldm = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    return {v[: -len(".weight")]: k[: -len(".weight")] for k, v in to_ldm.items() if k.endswith(".weight")}
+
+
 def make_sdxl_unet_checkpoint(path: str | os.PathLike, seed: int = 0, verify: bool = True) -> Path:
     """Small SDXL-family checkpoint (detected as Segmind_Vega): 104 M-param UNet + TAESD, fp16.
 
