@@ -192,6 +192,32 @@ def bypass(load) -> str:
 
 
 @generated
+def bypass_kernel(load) -> str:
+    """Session 10: the bypass on the in-place plan's Triton kernel (two leases)."""
+    rows = []
+    for name, state in (("session10a", "kernel, scratch as the activation"),
+                        ("session10", "kernel, column-contiguous scratch")):
+        for dtype in ("fp16", "bf16"):
+            r = load(f"h200_bypass_sdxl_{dtype}_{name}.json")
+            plain = min(r["plain_ms"], r["plain_ms_after"])
+            rows.append([state, r["dtype"], f"{plain:.1f} ms", f"{r['plain_gpu_ms']:.1f} ms",
+                         f"{r['hook_only_ms']:.1f} ms ({r['hook_only_overhead_pct']:+.0f} %)",
+                         f"{r['touch_ms']:.1f} ms ({r['touch_overhead_pct']:+.0f} %)",
+                         f"{r['bypass_ms']:.1f} ms ({r['overhead_pct']:+.0f} %)", f"{r['bypass_gpu_ms']:.1f} ms",
+                         f"{r['first_lazy_ms'] / 1e3:.1f} s"])
+    return table(["engine", "dtype", "plain forward", "its GPU time", "host hook, no-op adapter",
+                  "touch floor", "bypass forward", "its GPU time", "first forward (cold Triton cache)"], rows)
+
+
+@generated
+def merge_session10(load) -> str:
+    r = load("h200_b2b_028_session10.json")
+    core = b2b(r, "core")
+    rows = [[name, num(b2b(r, name)), f"{core / b2b(r, name):.1f}x"] for name in ("core", "node", "ours", "in place")]
+    return table(["H200, SDXL 794 layers, 0.28, fp16 copies, back to back", "ms (median of 4)", "core / this"], rows)
+
+
+@generated
 def issue13(load) -> str:
     old, new = load("h200_sdxl_0375_issue13.json"), load("h200_sdxl_028_issue13.json")
     rows = [[f"{name}, back to back", num(b2b(old, name)), num(b2b(new, name))]
