@@ -11,7 +11,10 @@ Then, alternating in one process (torch imported before any timing), ``median of
   through ``comfy.lora.calculate_weight`` on a float32 copy (what ``patch_weight_to_device``
   hands it), the result is cast back to float16 and ``save_file`` writes every tensor.
 
-Also the relative error of both outputs against each other. Not a test: speed is never
+Each run writes a new output file (the last run's is removed first, untimed): replacing an
+existing file costs ext4 a forced write-back of the new one (its ``auto_da_alloc``: at a rename
+over a file for ours, at closing a truncated file for core's ``save_file``), which is no part of
+either merge. Also the relative error of both outputs against each other. Not a test: speed is never
 asserted. Results in bench/RESULTS.md.
 """
 
@@ -49,8 +52,8 @@ def write_files(comfy, folder: str, count: int, seed: int) -> tuple[str, str, li
 
 
 def ours(base: str, adapter: str, out: str, threads: int | None) -> None:
-    """The CLI in this process; it sets torch's threads (``--threads``, else its own choice from
-    the load), which are put back for core afterwards."""
+    """The CLI in this process (``--threads``, else its own choice: one worker per CPU of the
+    affinity mask); its workers set torch's threads to 1, which are put back for core afterwards."""
     from boft_core import cli
 
     before = torch.get_num_threads()
@@ -82,7 +85,8 @@ def main(argv=None) -> dict:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--dir", help="where the files go (default: a temporary folder)")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--threads", type=int, help="the CLI's --threads (default: its own choice)")
+    p.add_argument("--threads", type=int,
+                   help="the CLI's --threads (default: its own choice, the CPUs of the affinity mask)")
     p.add_argument("--torch-threads", type=int, help="torch's threads for the whole process (core's)")
     args = p.parse_args(argv)
     if args.torch_threads:
@@ -97,6 +101,8 @@ def main(argv=None) -> dict:
     times = {name: [] for name in fns}
     for run in range(args.runs):
         for name in (("ours", "core") if run % 2 == 0 else ("core", "ours")):
+            if os.path.exists(outs[name]):  # a new file, as for a new merge (see the module doc)
+                os.remove(outs[name])
             t = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t)

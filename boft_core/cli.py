@@ -158,81 +158,139 @@ def rotation_text(layer) -> str:
 
 
 def cmd_merge(args) -> int:
-    from .formats import BoftError, all_finite, map_tensors, with_constraint, write_tensors
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from .formats import BoftError, all_finite, map_tensors, with_constraint
     from .guard import check_merge, check_strength, load
-    from .merge import apply, fit, merge_bias, prepare, try_merge_into
+    from .merge import fit, merge_bias, prepare
 
     strength = check_strength(args.strength, "--strength")
-    _set_threads(args.threads)
     adapter = with_constraint(load(args.adapter), args.constraint)
     if adapter.others:
         shown = ", ".join(sorted(adapter.others)[:5])
         raise BoftError(f"{adapter.path}: a mixed file: {len(adapter.others)} key(s) of other adapter kinds "
                         f"(e.g. {shown}) beside its BOFT layers; merge merges BOFT layers only and would "
                         "apply half of it. Load the file in ComfyUI (the pack's loader applies both).")
-    # BASE mapped copy-on-write: only the matched weights are read before writing, and they are
-    # merged in place (float16/bfloat16 computed in float32 a slice at a time, rounded once)
+    # BASE mapped copy-on-write (never written): only what is merged is read before writing
     try:
         mapped = map_tensors(args.base)
     except BoftError as e:
         raise BoftError(f"cannot read the base checkpoint: {e}") from None
-    if mapped is not None:
-        tensors, metadata = mapped
-    else:  # a dtype torch lacks: safetensors reads it
-        tensors, metadata = _read_all(args.base)
+    tensors, metadata = mapped if mapped is not None else _read_all(args.base)  # (a dtype torch lacks)
     matched = match_layers(adapter, list(tensors))
-    shared = {key for key in matched.values() if list(matched.values()).count(key) > 1}
-    merged = {}
-    for name, key in matched.items():  # every layer checked and merged before anything is written
+    jobs: dict[str, list] = {}  # BASE key -> its layers, in the adapter's order
+    for name, key in matched.items():  # every layer checked before anything is computed or written
         layer = adapter.layers[name]
-        weight = merged.get(key, tensors[key])
-        target = weight if layer.rows is None else weight.narrow(0, *layer.rows)  # a part of a fused layer
+        target = tensors[key] if layer.rows is None else tensors[key].narrow(0, *layer.rows)  # a part of a fused layer
         layer = fit(layer, target.shape)
         check_merge(layer, strength, args.mode, target, adapter.path)
-        patch = prepare(layer, strength, args.mode)
-        if layer.rows is None:
-            in_place = mapped is not None and key not in shared and try_merge_into(patch, target)
-            merged[key] = target if in_place else apply(patch, target)
-        else:  # a part of a fused layer: its rows of a copy of the whole weight
-            merged[key] = weight.clone() if key not in merged else weight
-            merged[key][layer.rows[0]:layer.rows[0] + layer.rows[1]] = apply(patch, target)
-        bias_key = key[: -len("weight")] + "bias"
-        if patch.bias is not None:
-            merged[bias_key] = merge_bias(tensors.get(bias_key), patch, strength)
-        for out_key in (key, bias_key):
-            if out_key in merged and not all_finite(merged[out_key]):  # the bound is loose; this is exact
-                raise BoftError(f"{adapter.path}: layer {name}: at strength {strength:g} ({args.mode}) "
-                                f"the merged {out_key} is not finite; nothing was written.")
-    tensors.update(merged)
-    try:
-        if mapped is not None:
-            write_tensors(args.out, tensors, metadata)
-        else:
-            from safetensors.torch import save_file
+        jobs.setdefault(key, []).append(layer)
+    layers = [layer for group in jobs.values() for layer in group]
+    # One worker per CPU this process may run on, each with one torch thread: whole layers run
+    # side by side, with no parallel region whose threads wait for one another (a thread whose
+    # core is taken by other work would stall every region)
+    workers = args.threads or _cpus()
+    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        patches = dict(zip((layer.name for layer in layers),
+                           pool.map(lambda layer: prepare(layer, strength, args.mode), layers), strict=True))
+        out = dict(tensors)
+        for key, group in jobs.items():
+            for layer in group:
+                patch = patches[layer.name]
+                if patch.bias is not None:
+                    bias_key = key[: -len("weight")] + "bias"
+                    out[bias_key] = merge_bias(tensors.get(bias_key), patch, strength)
+                    if not all_finite(out[bias_key]):
+                        raise BoftError(f"{adapter.path}: layer {layer.name}: at strength {strength:g} "
+                                        f"({args.mode}) the merged {bias_key} is not finite; nothing was written.")
 
-            save_file(tensors, args.out, metadata)
-    except OSError as e:
-        raise BoftError(f"{args.out}: cannot write: {e}") from None
+        def merged(key: str, result):
+            """BASE's ``key`` with every layer of ``jobs[key]`` merged, written into ``result``."""
+            _merge_layers(tensors[key], jobs[key], patches, result)
+            if not all_finite(result):  # the check before the merge bounds loosely; this is exact
+                raise BoftError(f"{adapter.path}: layer {jobs[key][-1].name}: at strength {strength:g} "
+                                f"({args.mode}) the merged {key} is not finite; nothing was written.")
+            return result
+
+        try:
+            if mapped is not None:
+                _write_merged(args.out, out, metadata, merged, list(jobs), pool)
+            else:
+                from safetensors.torch import save_file
+
+                out.update({key: merged(key, torch.empty_like(tensors[key])) for key in jobs})
+                save_file(out, args.out, metadata)
+        except OSError as e:
+            raise BoftError(f"{args.out}: cannot write: {e}") from None
     print(f"merged {len(matched)} {adapter.format} layers at strength {strength:g} "
           f"({args.mode}) into {args.out}")
     return 0
 
 
-def _set_threads(threads: int | None) -> None:
-    """torch's CPU threads for the merge: ``threads``, else torch's own choice less the cores that
-    other work keeps busy (1-minute load average). The merge is many cache-sized batched matmuls,
-    each a parallel region whose threads wait for one another: a thread whose core is taken by
-    another process stalls every region, which made the merge slower than core's under load."""
+def _merge_layers(weight, layers, patches, result) -> None:
+    """``weight`` with ``layers`` merged in turn (each into its rows, for parts of a fused
+    layer), into ``result`` (same shape and dtype): in place where :func:`try_merge_into` can,
+    the first layer straight from ``weight`` into ``result`` where it can."""
+    from .merge import apply, try_merge_into
+
+    first = layers[0]
+    if first.rows is None and try_merge_into(patches[first.name], result, source=weight):
+        layers = layers[1:]
+    else:
+        result.copy_(weight)
+    for layer in layers:
+        target = result if layer.rows is None else result.narrow(0, *layer.rows)
+        patch = patches[layer.name]
+        if not try_merge_into(patch, target):
+            target.copy_(apply(patch, target))
+
+
+def _write_merged(path: str, tensors: dict, metadata: dict, merged, keys: list[str], pool) -> None:
+    """``tensors`` written as a safetensors file at ``path`` (beside it, then renamed over it),
+    ``keys`` computed by ``merged(key, result)`` on ``pool``'s threads as the file is written:
+    each thread merges into its own buffer, reused from layer to layer (fresh memory costs a page
+    fault every 4 KB), and writes the result at its place in the file. Largest layers first."""
+    import threading
+    from concurrent.futures import FIRST_EXCEPTION, wait
+
     import torch
 
-    if threads is None:
-        try:
-            busy = int(os.getloadavg()[0])
-        except OSError:  # (no load average on this system)
-            busy = 0
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = max(1, min(torch.get_num_threads(), cores - busy))
-    torch.set_num_threads(threads)
+    from .formats import replacing, tensor_layout, write_at
+
+    head, offsets = tensor_layout(tensors, metadata)
+    local = threading.local()
+    order = sorted(keys, key=lambda k: -tensors[k].numel() * tensors[k].element_size())
+
+    def task(fd: int, key: str) -> None:
+        t = tensors[key]
+        if key in keys_set:
+            size = t.numel() * t.element_size()
+            buffer = getattr(local, "buffer", None)
+            if buffer is None or buffer.numel() < size:
+                buffer = local.buffer = torch.empty(size, dtype=torch.uint8)
+            t = merged(key, buffer[:size].view(t.dtype).view(t.shape))
+        write_at(fd, t, offsets[key])
+
+    keys_set = set(keys)
+    with replacing(path) as fd:
+        write_at(fd, head, 0)
+        futures = [pool.submit(task, fd, key) for key in order + [k for k in offsets if k not in keys_set]]
+        done, waiting = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in waiting:
+            future.cancel()
+        wait(waiting)  # (those already running)
+        for future in futures:
+            if future.done() and not future.cancelled():
+                future.result()  # the first error, raised here
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: taskset and cpusets count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _read_all(path: str) -> tuple[dict, dict]:
@@ -265,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=1.0, help="adapter strength (default 1)")
     p.add_argument("--mode", choices=MODES, default="lycoris", help="strength mode (see above)")
     p.add_argument("--constraint", choices=CONSTRAINTS, default="auto", help=CONSTRAINT_HELP)
-    p.add_argument("--threads", type=_positive, help="CPU threads (default: torch's choice, less the cores "
-                   "that other work keeps busy)")
+    p.add_argument("--threads", type=_positive, help="CPU threads: layers merged side by side, one "
+                   "torch thread each (default: the CPUs this process may use)")
     p.set_defaults(run=cmd_merge)
     return parser
 

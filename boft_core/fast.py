@@ -42,8 +42,11 @@ from .butterfly import CONCATENATED, INTERLEAVED, check_butterfly_shape
 # SDXL class measured: 36 against 47 us for a 1280x1280 layer, 301 against 402 us for 10240x1280.
 MAX_BLOCK = {"cpu": 40, "cuda": 80, "cuda in place": 40}
 # Column slice on the CPU, in elements of the (rows x slice) working buffer: a few MB of float32
-# stay in the cache between passes.
+# stay in the cache between passes. With one torch thread (the merge CLI's workers, one layer
+# each) wider slices measured faster: 218 against 269 ms for the CLI benchmark's 22 SDXL layers
+# on one Xeon core, and no slower on the 2-core AMD VM (bench/RESULTS.md, the CLI section).
 CPU_SLICE = 1 << 18
+CPU_SLICE_ONE_THREAD = 1 << 20
 # Column slice on a GPU for float16/bfloat16 x (computed in float32 a slice at a time), elements.
 GPU_HALF_SLICE = 1 << 22
 
@@ -204,7 +207,8 @@ class Butterfly:
         ``out``: where to write the result; it may be ``x`` itself (each column slice is read
         before it is written), which spares a new weight-sized buffer. Default: a new tensor,
         with a transposed 2-D view's strides if ``x`` is one. ``slice_cols``: columns per pass
-        (default: all on a GPU, a cache-sized slice on the CPU). ``row_scale`` (n,) /
+        (default: all on a GPU, on the CPU a slice of :data:`CPU_SLICE` elements, or
+        :data:`CPU_SLICE_ONE_THREAD` where torch runs one thread). ``row_scale`` (n,) /
         ``col_scale`` (columns,): factors for the result's rows / columns of its (n, -1) view,
         applied before it is written. An ``x`` in float16/bfloat16 with float32 blocks is
         computed in float32 a column slice at a time and rounded once when written (then the
@@ -224,7 +228,8 @@ class Butterfly:
             slice_cols = self.slice_cols
         if slice_cols is None:
             if x.device.type == "cpu":
-                slice_cols = max(32, CPU_SLICE // self.n)
+                elems = CPU_SLICE_ONE_THREAD if torch.get_num_threads() == 1 else CPU_SLICE
+                slice_cols = max(32, elems // self.n)
             else:
                 slice_cols = max(32, GPU_HALF_SLICE // self.n) if upcast else cols
         scaled = row_scale is not None or col_scale is not None

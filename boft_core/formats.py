@@ -403,11 +403,12 @@ def map_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | N
     return tensors, metadata
 
 
-def write_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """A safetensors file of ``tensors`` (CPU, dtypes in :data:`TORCH_DTYPES`) and ``metadata``,
-    as safetensors lays it out (larger elements first, then by name; header padded to 8 bytes),
-    each tensor's bytes written straight from its memory. Written beside ``path`` and renamed
-    over it, so a failed write leaves no partial file (and ``path`` may be a mapped input)."""
+def tensor_layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                  ) -> tuple[bytes, dict[str, int]]:
+    """The start of a safetensors file of ``tensors`` (dtypes in :data:`TORCH_DTYPES`; only their
+    dtypes and shapes are read) and ``metadata``: the length prefix and header, padded to 8 bytes,
+    and every tensor's byte offset in the file. Laid out as safetensors does: larger elements
+    first, then by name."""
     names = {dtype: name for name, dtype in TORCH_DTYPES.items()}
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
     header, offset = {}, 0
@@ -420,20 +421,54 @@ def write_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[st
         header = {"__metadata__": metadata, **header}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for key in order:
-                t = tensors[key]
-                if t.numel():
-                    f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    start = 8 + len(raw)
+    return struct.pack("<Q", len(raw)) + raw, {key: start + header[key]["data_offsets"][0] for key in order}
+
+
+def write_at(fd: int, data, offset: int) -> None:
+    """``data`` (bytes, or a CPU tensor's bytes) written at ``offset`` of the open file ``fd``
+    (``os.pwrite``: threads may write different parts of one file at once)."""
+    if isinstance(data, torch.Tensor):
+        if not data.numel():
+            return
+        data = data.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    view = memoryview(data)
+    while len(view):
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+def write_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file of ``tensors`` (CPU, dtypes in :data:`TORCH_DTYPES`) and ``metadata``
+    (:func:`tensor_layout`), each tensor's bytes written straight from its memory. Written beside
+    ``path`` and renamed over it, so a failed write leaves no partial file (and ``path`` may be a
+    mapped input)."""
+    head, offsets = tensor_layout(tensors, metadata)
+    with replacing(path) as fd:
+        write_at(fd, head, 0)
+        for key, offset in offsets.items():
+            write_at(fd, tensors[key], offset)
+
+
+class replacing:
+    """``with replacing(path) as fd``: a new file beside ``path``, open for writing, renamed over
+    ``path`` when the block ends without an error and removed when it does not."""
+
+    def __init__(self, path: str):
+        self.path, self.tmp = path, f"{path}.{os.getpid()}.tmp"
+
+    def __enter__(self) -> int:
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        return self.fd
+
+    def __exit__(self, kind, value, trace) -> None:
+        try:
+            os.close(self.fd)
+            if kind is None:
+                os.replace(self.tmp, self.path)
+        finally:
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
 
 
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -901,4 +936,7 @@ def all_finite(value: torch.Tensor) -> bool:
     """Whether every value is finite; float8 (and other types isfinite lacks) checked in float32."""
     if value.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         value = value.to(torch.float32)
-    return bool(torch.isfinite(value).all())
+    if not value.numel():
+        return True
+    low, high = torch.aminmax(value)  # min and max propagate NaN: one pass, no mask the size of value
+    return bool(torch.isfinite(low) & torch.isfinite(high))

@@ -258,7 +258,8 @@ def apply(patch: Patch, weight: torch.Tensor) -> torch.Tensor:
     return new.reshape(weight.shape).to(weight.dtype)
 
 
-def try_merge_into(patch: Patch, weight: torch.Tensor, plan: fused.FusedButterfly | None = None) -> bool:
+def try_merge_into(patch: Patch, weight: torch.Tensor, plan: fused.FusedButterfly | None = None,
+                   source: torch.Tensor | None = None) -> bool:
     """The in-place merge and its engine chooser: ``W'`` written into ``weight`` itself when it
     can be, returning True: a weight that is a view of its own
     rows (ComfyUI's working copy, or a row slice of it) in the patch's dtype, or float16/bfloat16
@@ -266,12 +267,14 @@ def try_merge_into(patch: Patch, weight: torch.Tensor, plan: fused.FusedButterfl
     Returns False, leaving ``weight`` untouched, when it cannot; then use :func:`apply`. Needs
     no weight-sized buffer. ``plan``: the patch's in-place plan (:meth:`Patch.fused`, scale
     folded) already on ``weight``'s device, e.g. from a cache; the patch's tensors may then live
-    elsewhere.
+    elsewhere. ``source``: merge this tensor instead (``weight``'s shape, dtype and device, its
+    rows contiguous lines too) and write ``W'`` of it into ``weight``, ``source`` left alone.
     """
     if patch.blend is not None or weight.ndim < 2 or not _computes(weight.dtype, patch.rotations.dtype):
         return False
     flat = fused.contiguous_rows(weight)
-    if flat is None:
+    src = flat if source is None else fused.contiguous_rows(source)
+    if flat is None or src is None or src.shape != flat.shape or src.dtype != flat.dtype:
         return False
     _check(patch, weight.shape)
     rows = flat if patch.side == "out" else flat.t()  # the butterfly mixes these rows
@@ -279,12 +282,15 @@ def try_merge_into(patch: Patch, weight: torch.Tensor, plan: fused.FusedButterfl
         if plan is None and weight.device == patch.rotations.device:
             plan = patch.fused()
         if plan is not None and plan.storage.device == weight.device:
+            if src is not flat:
+                flat.copy_(src)
             plan.apply_triton_(rows)  # GPU: one kernel per run, scale folded in, no weight-sized buffer
             return True
     if weight.device != patch.rotations.device:
         return False
     scale = patch.scale
-    patch.butterfly().apply(rows, out=rows, row_scale=scale if patch.side == "out" else None,
+    patch.butterfly().apply(src if patch.side == "out" else src.t(), out=rows,
+                            row_scale=scale if patch.side == "out" else None,
                             col_scale=scale if patch.side == "in" else None)
     return True
 
