@@ -46,7 +46,7 @@ MAX_BLOCK = {"cpu": 40, "cuda": 80, "cuda in place": 40}
 # each) wider slices measured faster: 218 against 269 ms for the CLI benchmark's 22 SDXL layers
 # on one Xeon core, and no slower on the 2-core AMD VM (bench/RESULTS.md, the CLI section).
 CPU_SLICE = 1 << 18
-CPU_SLICE_ONE_THREAD = 1 << 20
+CPU_SLICE_ONE_THREAD = 1 << 22
 # Column slice on a GPU for float16/bfloat16 x (computed in float32 a slice at a time), elements.
 GPU_HALF_SLICE = 1 << 22
 

@@ -244,6 +244,38 @@ def test_huge_values_are_refused_before_writing(tmp_path, base, case):
         assert not out.exists()
 
 
+def test_a_non_finite_merge_found_while_writing_leaves_out_as_it_was(tmp_path, base, monkeypatch):
+    """The exact check of each merged weight, behind check_merge's bound (here switched off): the
+    half-written file beside --out is removed and an existing --out is left as it was."""
+    path = write(tmp_path / "huge.safetensors", huge_cases()["rescale 3e38"][0])
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"the old output")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.setattr(guard, "check_merge", lambda *args, **kwargs: 1.0)
+    assert_clean_failure(cli("merge", base, path, "--out", str(out)), path, "proj.weight", "not finite")
+    assert out.read_bytes() == b"the old output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                                   getattr(torch, "float8_e5m2", torch.float16)])
+def test_all_finite_equals_isfinite(dtype):
+    """formats.all_finite (one aminmax pass) against torch.isfinite(...).all() in float64."""
+    from boft_core.formats import all_finite
+
+    g = torch.Generator().manual_seed(3)
+    for n in (0, 1, 7, 64, 1000, 70001):
+        for bad in (None, math.nan, math.inf, -math.inf):
+            x = torch.randn(n, generator=g, dtype=torch.float64)
+            if bad is not None and n:
+                x[int(torch.randint(n, (1,), generator=g))] = bad
+            x = x.to(dtype)
+            expected = bool(torch.isfinite(x.double()).all())
+            assert all_finite(x) == expected, (dtype, n, bad)
+            if n > 2:  # a strided view too
+                assert all_finite(x[::2]) == bool(torch.isfinite(x[::2].double()).all()), (dtype, n, bad)
+
+
 @pytest.mark.parametrize("strength", ["nan", "inf", "-inf", "NaN"])
 def test_non_finite_strength_is_refused(tmp_path, base, good, strength):
     out = tmp_path / "out.safetensors"

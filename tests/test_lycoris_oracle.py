@@ -98,10 +98,10 @@ def test_cli_merge_matches_lycoris(tmp_path, algo):
     save_file(base, str(tmp_path / "base.safetensors"), {"note": "kept"})
     runs = [("lycoris", s) for s in STRENGTHS["lycoris"]] + [("linear", s) for s in STRENGTHS["linear"]]
     full = oracles.lycoris_merged(path, model, 1.0)
-    for mode, s in runs:
+    for i, (mode, s) in enumerate(runs):
         out = str(tmp_path / f"out_{mode}_{s}.safetensors")
         cmd = [sys.executable, "-m", "boft_core", "merge", str(tmp_path / "base.safetensors"),
-               path, "--out", out, "--strength", str(s), "--mode", mode]
+               path, "--out", out, "--strength", str(s), "--mode", mode, "--threads", str(1 + i % 3)]
         subprocess.run(cmd, check=True, capture_output=True)
         merged = load_file(out)
         assert set(merged) == set(base)
@@ -115,3 +115,11 @@ def test_cli_merge_matches_lycoris(tmp_path, algo):
             assert rel_change_error(merged[key], expected, w) <= tol, (mode, s, key)
         for key in ("conv.bias", "mlp.bias", "proj.bias"):
             assert torch.equal(merged[key], base[key])
+    # the workers (one layer each) change nothing: the same bytes with 1 and 3 of them
+    first = str(tmp_path / f"out_{runs[0][0]}_{runs[0][1]}.safetensors")
+    again = str(tmp_path / "again.safetensors")
+    subprocess.run([sys.executable, "-m", "boft_core", "merge", str(tmp_path / "base.safetensors"), path,
+                    "--out", again, "--strength", str(runs[0][1]), "--mode", runs[0][0], "--threads", "3"],
+                   check=True, capture_output=True)
+    with open(first, "rb") as a, open(again, "rb") as b:
+        assert a.read() == b.read()
