@@ -211,7 +211,7 @@ def cmd_merge(args) -> int:
             _merge_layers(tensors[key], jobs[key], patches, result)
             if not all_finite(result):  # the check before the merge bounds loosely; this is exact
                 raise BoftError(f"{adapter.path}: layer {jobs[key][-1].name}: at strength {strength:g} "
-                                f"({args.mode}) the merged {key} is not finite; nothing was written.")
+                                f"({args.mode}) the merged {key} is not finite; {args.out} was not written.")
             return result
 
         try:
@@ -261,6 +261,7 @@ def _write_merged(path: str, tensors: dict, metadata: dict, merged, keys: list[s
 
     head, offsets = tensor_layout(tensors, metadata)
     local = threading.local()
+    keys_set = set(keys)
     order = sorted(keys, key=lambda k: -tensors[k].numel() * tensors[k].element_size())
 
     def task(fd: int, key: str) -> None:
@@ -273,7 +274,6 @@ def _write_merged(path: str, tensors: dict, metadata: dict, merged, keys: list[s
             t = merged(key, buffer[:size].view(t.dtype).view(t.shape))
         write_at(fd, t, offsets[key])
 
-    keys_set = set(keys)
     with replacing(path) as fd:
         write_at(fd, head, 0)
         futures = [pool.submit(task, fd, key) for key in order + [k for k in offsets if k not in keys_set]]
