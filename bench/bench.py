@@ -42,19 +42,6 @@ import report  # noqa: E402
 import scaling  # noqa: E402
 import variants  # noqa: E402
 
-# cli_merge.py reaches the harness through this module (``bench.X``): kept importable here.
-from harness import (  # noqa: E402,F401
-    Comfy,
-    build_model,
-    call,
-    default_comfyui,
-    machine,
-    make_tensors,
-    model_layers,
-    subset,
-    write_json,
-)
-
 
 def parse_args(argv=None):
     p = harness.parser(__doc__)

@@ -31,19 +31,19 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench  # noqa: E402  (bench/bench.py)
+import harness  # noqa: E402  (bench/harness.py)
 
 
 def write_files(comfy, folder: str, count: int, seed: int) -> tuple[str, str, list]:
     from safetensors.torch import save_file
 
-    net, _ = bench.build_model(comfy, "sdxl", "meta", torch.float16)
-    layers = bench.subset(bench.model_layers(net, 16), count)
+    net, _ = harness.build_model(comfy, "sdxl", "meta", torch.float16)
+    layers = harness.subset(harness.model_layers(net, 16), count)
     base, adapter = {}, {}
     for i, layer in enumerate(layers):
         gen = torch.Generator().manual_seed(seed + i)
         base[layer.key] = (torch.randn(layer.shape, generator=gen) * 0.02).half()
-        bench.make_tensors(layer, torch.float16, seed + i)
+        harness.make_tensors(layer, torch.float16, seed + i)
         adapter.update(layer.tensors)
     base_path, adapter_path = os.path.join(folder, "base.safetensors"), os.path.join(folder, "adapter.safetensors")
     save_file(base, base_path)
@@ -74,13 +74,13 @@ def core(comfy, base: str, adapter: str, out: str, layers) -> None:
     lora = load_file(adapter)
     for layer in layers:
         patch = comfy.BOFTAdapter.load(layer.lname, lora, 0.0, None)  # alpha 0: no constraint, as the file says
-        tensors[layer.key] = bench.call(comfy, patch, tensors[layer.key], layer.key)
+        tensors[layer.key] = harness.call(comfy, patch, tensors[layer.key], layer.key)
     save_file(tensors, out)
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--comfyui", default=bench.default_comfyui(), help="ComfyUI checkout")
+    p.add_argument("--comfyui", default=harness.default_comfyui(), help="ComfyUI checkout")
     p.add_argument("--layers", type=int, default=22)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--dir", help="where the files go (default: a temporary folder)")
@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    comfy = bench.Comfy(args.comfyui, torch.device("cpu"), "float32")
+    comfy = harness.Comfy(args.comfyui, torch.device("cpu"), "float32")
     folder = args.dir or tempfile.mkdtemp(prefix="boft_cli_bench_")
     base, adapter, layers = write_files(comfy, folder, args.layers, 0)
     elements = sum(layer.weight_numel for layer in layers)
@@ -111,14 +111,14 @@ def main(argv=None) -> dict:
 
     a, b = load_file(outs["ours"]), load_file(outs["core"])
     worst = max(((a[k].double() - b[k].double()).norm() / b[k].double().norm()).item() for k in b)
-    res = {"machine": bench.machine(torch.device("cpu")), "load_before": os.getloadavg(),
+    res = {"machine": harness.machine(torch.device("cpu")), "load_before": os.getloadavg(),
            "threads": torch.get_num_threads(), "layers": len(layers), "elements": elements,
            "seconds": times, "median": {k: statistics.median(v) for k, v in times.items()},
            "worst_relative_difference": worst}
     res["ratio"] = res["median"]["core"] / res["median"]["ours"]
     print(json.dumps(res, indent=1))
     if args.json:
-        bench.write_json(args.json, res)
+        harness.write_json(args.json, res)
     return res
 
 
