@@ -62,6 +62,19 @@ class NullAdapter:
         return org_forward(x, *args, **kwargs)
 
 
+def gpu_profile(fn):
+    """One call of ``fn`` under the profiler: its GPU time in ms (every kernel's own time, summed)
+    and the table of the kernels that took most."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    events = prof.key_averages()
+    return (sum(e.self_device_time_total for e in events) / 1e3,
+            events.table(sort_by="cuda_time_total", row_limit=14))
+
+
 def python_profile(fn, top=18):
     """cProfile of one call of ``fn``: the functions with the most time of their own."""
     import cProfile
@@ -138,12 +151,7 @@ def main(argv=None):
     res["plain_ms"], res["plain_all"] = timed(forward, args.runs, warmup=3)
     plain_out = forward().float()
     if device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            forward()
-            sync()
-        res["plain_gpu_ms"] = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+        res["plain_gpu_ms"], _ = gpu_profile(forward)
     # The host's own bypass hook around every layer with an adapter that does nothing: the floor
     # of any adapter's bypass_forward in this host.
     null = inject(net, {layer.key: NullAdapter() for layer in layers}, 1.0)
@@ -164,13 +172,7 @@ def main(argv=None):
     res["first_lazy_ms"], out = once(forward)
     res["bypass_ms"], res["bypass_all"] = timed(forward, args.runs)
     if device.type == "cuda":  # where a bypass forward's GPU time goes
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            forward()
-            sync()
-        res["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
-        res["bypass_gpu_ms"] = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+        res["bypass_gpu_ms"], res["profile"] = gpu_profile(forward)
     res["python_profile"] = python_profile(forward)
     res["bypass_changed_output_rel"] = ((out.float() - plain_out).norm() / plain_out.norm()).item()
     injection.eject(None)

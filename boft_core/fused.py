@@ -122,9 +122,14 @@ def usable(x: torch.Tensor) -> bool:
     the torch path with a warning instead of computing garbage)."""
     if not kernel_takes(x):
         return False
-    ok = _VERIFIED.get(x.device)
+    return _verified(x.device)
+
+
+def _verified(device) -> bool:
+    """Whether the kernel passed its self-test on ``device`` (run once per device)."""
+    ok = _VERIFIED.get(device)
     if ok is None:
-        ok = _VERIFIED[x.device] = _self_test(x.device)
+        ok = _VERIFIED[device] = _self_test(device)
     return ok
 
 
@@ -449,7 +454,7 @@ class FusedButterfly:
         dst = y if out is None else out
         key = (y.shape, y.stride(), dst.shape, dst.stride(), y.dtype, dst.dtype, y.device, dst.device,
                channel_dim, y.data_ptr() % 16, dst.data_ptr() % 16, y.data_ptr() == dst.data_ptr(),
-               _vector_key(sub), _vector_key(add), scratch_elems)
+               _vector_key(sub), add is sub or _vector_key(add), scratch_elems)  # (a bias: sub is add)
         call = self._calls.get(key, False)
         if call is False:
             if len(self._calls) >= 64:  # activation shapes seen by one layer: a few per resolution
@@ -470,10 +475,7 @@ class FusedButterfly:
                 or any(v is not None and (v.shape != (self.n,) or v.device != y.device or not v.is_contiguous()
                                           or v.dtype not in KERNEL_DTYPES) for v in (sub, add))):
             return None
-        ok = _VERIFIED.get(y.device)
-        if ok is None:
-            ok = _VERIFIED[y.device] = _self_test(y.device)
-        if not ok:
+        if not _verified(y.device):
             return None
         if src_view.shape[2] == 0 or src_view.shape[0] == 0:
             return _Call([], 0)

@@ -30,9 +30,17 @@ CACHE = PatchCache()
 # (token, strength, mode, "bypass") the bypass guard passed.
 FINITE: set[tuple] = set()
 FINITE_LIMIT = 1 << 16
+
 # BoftLayer fields besides the tensors that decide its rotations (kohya/OneTrainer's conv and
 # block_share are resolved by merge.fit before an adapter is made)
 RULE_FIELDS = ("constraint", "neumann", "neumann_legacy", "coft_norm", "q_scale")
+
+
+def _passed(seen: tuple) -> None:
+    """Remember a guard that passed (:data:`FINITE`, cleared when it reaches its limit)."""
+    if len(FINITE) >= FINITE_LIMIT:
+        FINITE.clear()
+    FINITE.add(seen)
 
 
 class BOFTAdapter(WeightAdapterBase):
@@ -134,9 +142,7 @@ class BOFTAdapter(WeightAdapterBase):
         if seen in FINITE:
             return
         if check_merge(self.layer(), strength, self.weights[4], weight, str(key)) <= FREE_GAIN:
-            if len(FINITE) >= FINITE_LIMIT:
-                FINITE.clear()
-            FINITE.add(seen)  # decided without reading the weight
+            _passed(seen)  # decided without reading the weight
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
@@ -212,9 +218,7 @@ class BOFTAdapter(WeightAdapterBase):
         if seen in FINITE:
             return
         check_bypass(self.layer(), patch, strength, self.weights[4])
-        if len(FINITE) >= FINITE_LIMIT:
-            FINITE.clear()
-        FINITE.add(seen)
+        _passed(seen)
 
     def _merged_conv(self, module, patch, x):
         """An input-side BOFT on a convolution: the weight merged on the fly in the working dtype
