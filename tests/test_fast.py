@@ -415,3 +415,82 @@ def test_apply_in_place_half(kind, dtype):
     assert merge.try_merge_into(patch, big[rows]) is True
     assert within_one_ulp(big[rows], want)
     assert torch.equal(big[:shape[0]], before[:shape[0]]) and torch.equal(big[2 * shape[0]:], before[2 * shape[0]:])
+
+
+# ------------------------------------------------- Cayley: the CPU's batched elimination vs LAPACK
+def generators_of_norm(count, b, norm, dtype, gen):
+    """``count`` skew-symmetric b x b blocks, each of Frobenius norm ``norm``."""
+    a = torch.randn(count, b, b, generator=gen, dtype=torch.float64)
+    q = a - a.mT
+    return (q * (norm / torch.linalg.matrix_norm(q)[..., None, None])).to(dtype)
+
+
+def solve64(q):
+    """The float64 reference: ``X (I - Q) = I + Q`` by LAPACK."""
+    eye = torch.eye(q.shape[-1], dtype=torch.float64)
+    return torch.linalg.solve(eye - q.double(), eye + q.double(), left=False)
+
+
+def lapack(q):
+    eye = torch.eye(q.shape[-1], dtype=q.dtype)
+    return torch.linalg.solve(eye - q, eye + q, left=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("b", [2, 4, 10, 16])
+@pytest.mark.parametrize("norm", [1e-3, 0.3, 1.0, 3.0, 10.0])
+def test_cayley_elimination_matches_float64_solve(dtype, b, norm, monkeypatch):
+    """Within a small factor of LAPACK's own error in the same dtype, for the norms it is used at;
+    taken in several chunks (a small chunk here), with leading axes (m, nb)."""
+    gen = torch.Generator().manual_seed(seed("cayley", b, norm, str(dtype)))
+    q = generators_of_norm(3 * 37, b, norm, dtype, gen).view(3, 37, b, b)
+    monkeypatch.setattr(butterfly, "ELIMINATE_CHUNK", 2 * b * b * 16)  # 16 blocks a chunk: 7 chunks
+    got = butterfly._cayley_eliminate(q)
+    assert got.dtype == dtype and got.shape == q.shape
+    ref = solve64(q)
+    eps = torch.finfo(dtype).eps
+    err, err_lapack = (got.double() - ref).abs().max(), (lapack(q).double() - ref).abs().max()
+    assert err <= 4 * err_lapack + 16 * eps, (err, err_lapack)
+    eye = torch.eye(b, dtype=torch.float64)  # and orthogonal as well as LAPACK's
+    assert (got.double().mT @ got.double() - eye).abs().max() <= 64 * eps
+
+
+@pytest.mark.parametrize("norm", [30.0, 100.0, 1e3])
+def test_cayley_large_norms(norm):
+    """Beyond ELIMINATE_MAX_NORM ``cayley`` solves with LAPACK (exactly its result); the
+    elimination itself stays finite, its error growing like ‖Q‖² (measured below 1e-8 ‖Q‖²)."""
+    gen = torch.Generator().manual_seed(seed("cayley large", norm))
+    q = generators_of_norm(1024, 10, norm, torch.float32, gen)
+    assert torch.equal(butterfly.cayley(q), lapack(q))
+    ref = solve64(q)
+    assert (butterfly._cayley_eliminate(q).double() - ref).abs().max() <= 1e-7 * norm ** 2
+    mixed = q.clone()
+    mixed[:-1] *= 1e-3  # one large block decides for all
+    assert torch.equal(butterfly.cayley(mixed), lapack(mixed))
+
+
+def test_cayley_chooses_elimination_only_where_it_pays(monkeypatch):
+    calls = []
+    eliminate = butterfly._cayley_eliminate
+    monkeypatch.setattr(butterfly, "_cayley_eliminate", lambda q: calls.append(tuple(q.shape)) or eliminate(q))
+    gen = torch.Generator().manual_seed(seed("cayley choice"))
+
+    def used(q) -> bool:
+        calls.clear()
+        got = butterfly.cayley(q)
+        assert (got.double() - solve64(q.detach())).abs().max() <= 2e-6 * max(1.0, q.detach().abs().max())
+        return bool(calls)
+
+    q = generators_of_norm(1024, 10, 1.0, torch.float32, gen)
+    assert used(q) and used(q.double()) and used(q.view(8, 128, 10, 10))
+    assert not used(q[:128])  # too few blocks
+    assert not used(generators_of_norm(1024, 20, 1.0, torch.float32, gen))  # blocks too large
+    assert not used(q * 11 / torch.linalg.matrix_norm(q).amax())  # a block's norm above 10
+    grad = q.clone().requires_grad_()
+    assert not used(grad)  # autograd: LAPACK's solve
+    with torch.no_grad():
+        assert used(grad)
+    nan = q.clone()
+    nan[5, 1, 2] = float("nan")
+    calls.clear()
+    assert torch.isnan(butterfly.cayley(nan)).any() and not calls
