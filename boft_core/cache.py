@@ -83,7 +83,7 @@ def _nbytes(*tensors) -> int:
 
 
 def _butterfly_bytes(plan: fast.Butterfly) -> int:
-    out = _nbytes(plan.final, plan.final_inverse)
+    out = _nbytes(plan.final)
     for rows, _, blocks in plan.steps:
         out += _nbytes(rows, blocks)
     return out

@@ -173,6 +173,7 @@ class Butterfly:
         schedule, end = _schedule(start, axes, unit)
         rows = torch.arange(self.n, device=rotations.device)
         self.steps = []  # (rows to gather or None, (batch, d, batch stride, row stride), blocks)
+        self.moves = []  # per step: the same gather as an axis permutation (_permutation), or None
         layout = start
         for axis, (target, out) in zip(axes, schedule, strict=True):
             others = [a for a in target if a not in (axis, unit)]
@@ -187,10 +188,11 @@ class Butterfly:
             view = (batch, d, d, 1) if target[-1] == unit else (batch, d, 1, batch)
             gather = self._gather(rows, dims, layout, target)
             self.steps.append((gather, view, blocks.reshape(batch, d, d).contiguous()))
+            self.moves.append(_permutation(dims, layout, target))
             layout = tuple(others) + out
         # The last product's rows are laid out as ``end``: result = last[final].
         self.final = self._gather(rows, dims, end, start)
-        self.final_inverse = None if self.final is None else torch.argsort(self.final)
+        self.final_move = _permutation(dims, end, start)
 
     def _gather(self, rows, dims, layout, target) -> torch.Tensor | None:
         """Row indices that take rows laid out as ``layout`` to ``target``; None if equal."""
@@ -232,7 +234,6 @@ class Butterfly:
                 slice_cols = max(32, elems // self.n)
             else:
                 slice_cols = max(32, GPU_HALF_SLICE // self.n) if upcast else cols
-        scaled = row_scale is not None or col_scale is not None
         if out is None and slice_cols >= cols and flat.is_contiguous() and not upcast:  # whole width (GPU)
             result = self._run(flat)
             if self.final is not None:
@@ -246,22 +247,23 @@ class Butterfly:
         grad = torch.is_grad_enabled() and (flat.requires_grad or self.steps[0][2].requires_grad)
         use_scratch = flat.device.type == "cpu" and not grad  # (out= ops do not record autograd)
         scratch = _scratch(2 * self.n * min(slice_cols, cols), dtype, flat.device) if use_scratch else None
+        # The final row order, the scale and the rounding to dest's dtype in one pass: a copy (or
+        # a multiply) from a permuted view of the last product into dest viewed in the same axes.
+        move = self.final_move
+        rows_scale = None if row_scale is None else _as_axes(row_scale.unsqueeze(1), move)
         for c0 in range(0, cols, slice_cols):
-            src = flat[:, c0:c0 + slice_cols]
-            part = self._run(src.to(dtype) if upcast else src, scratch)
-            cut = dest[:, c0:c0 + part.shape[1]]
-            if self.final is None and not scaled:
+            part = self._run(flat[:, c0:c0 + slice_cols], scratch)
+            w = part.shape[1]
+            cut, part = _as_axes(dest[:, c0:c0 + w], move), _permuted(part, move)
+            if rows_scale is not None and col_scale is not None:  # (both: still rounded once)
+                part = part * rows_scale
+            factor = col_scale[c0:c0 + w] if col_scale is not None else rows_scale
+            if factor is None:
                 cut.copy_(part)
-            elif not scaled and not upcast:
-                cut.index_copy_(0, self.final_inverse, part)
+            elif grad:  # (out= ops do not record autograd)
+                cut.copy_(part * factor)
             else:
-                if self.final is not None:
-                    part = part.index_select(0, self.final)
-                if row_scale is not None:
-                    part.mul_(row_scale.unsqueeze(1))
-                if col_scale is not None:
-                    part.mul_(col_scale[c0:c0 + part.shape[1]])
-                cut.copy_(part)  # (rounds to dest's dtype once)
+                torch.mul(part, factor, out=cut)
         return dest.view(x.shape) if out is None else out
 
     def apply_(self, x: torch.Tensor, slice_cols: int | None = None) -> torch.Tensor:
@@ -270,7 +272,8 @@ class Butterfly:
 
     def _run(self, x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """All steps on ``x`` (n, w), rows as the last step left them: a new (n, w) tensor, or a
-        view of ``scratch`` (2*n*w elements at least, used as two buffers in turn)."""
+        view of ``scratch`` (2*n*w elements at least, used as two buffers in turn). An ``x`` of
+        another dtype than the blocks' is converted on the way (with the first gather if any)."""
         n, width = self.n, x.shape[1]
         turn = 0
 
@@ -281,14 +284,42 @@ class Butterfly:
             turn ^= 1
             return scratch[(1 - turn) * n * width:(2 - turn) * n * width].view(shape)
 
-        for rows, (batch, d, batch_stride, row_stride), blocks in self.steps:
-            if rows is not None:
+        for (rows, (batch, d, batch_stride, row_stride), blocks), move in zip(self.steps, self.moves, strict=True):
+            if rows is not None and x.dtype != blocks.dtype:  # the gather and the conversion in one copy
+                into = buffer((n, width))
+                into = torch.empty((n, width), dtype=blocks.dtype, device=x.device) if into is None else into
+                _as_axes(into, move).copy_(_permuted(x, move))
+                x = into
+            elif rows is not None:
                 x = torch.index_select(x, 0, rows, out=buffer((n, width)))
+            elif x.dtype != blocks.dtype:
+                into = buffer((n, width))
+                x = x.to(blocks.dtype) if into is None else into.copy_(x)
             s0, s1 = x.stride()
             x = x.as_strided((batch, d, width), (batch_stride * s0, row_stride * s0, s1),
                              x.storage_offset())
             x = torch.bmm(blocks, x, out=buffer((batch, d, width))).view(n, width)
         return x
+
+
+def _permutation(dims: list[int], layout: tuple, target: tuple) -> tuple | None:
+    """The gather of :meth:`Butterfly._gather` (rows laid out as ``layout`` into ``target``) as an
+    axis permutation: ``(row axes' sizes as laid out, in target order, axis order)``; None if equal."""
+    if target == layout:
+        return None
+    return [dims[a] for a in layout], [dims[a] for a in target], [layout.index(a) for a in target]
+
+
+def _permuted(x: torch.Tensor, move: tuple | None) -> torch.Tensor:
+    """``x`` (n, w) with its rows in ``move``'s target order: a view (row axes..., w); no copy."""
+    if move is None:
+        return x
+    return x.view(*move[0], x.shape[-1]).permute(*move[2], len(move[2]))
+
+
+def _as_axes(x: torch.Tensor, move: tuple | None) -> torch.Tensor:
+    """``x`` (n, w) viewed with ``move``'s target row axes, the shape :func:`_permuted` gives."""
+    return x if move is None else x.view(*move[1], x.shape[-1])
 
 
 _SCRATCH = threading.local()
