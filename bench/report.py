@@ -241,6 +241,34 @@ def cli_merge(load) -> str:
     return table(["2 cores of a Xeon", "ours (s)", "core (s)", "core/ours"], rows)
 
 
+CLI_SESSION11 = {"quiet_session11_1": "this code, first median of 5",
+                 "quiet_session11_old": "the last session's code (0a39fbd), same lease",
+                 "quiet_session11_2": "this code, second median of 5"}
+
+
+@generated
+def cli_merge_session11(load) -> str:
+    rows = []
+    for run, label in CLI_SESSION11.items():
+        r = load(f"h200host_cli_merge_2core_{run}.json")
+        rows.append([label, f"{r['median']['ours']:.3f}", f"{r['median']['core']:.3f}",
+                     f"{r['median']['core'] / r['median']['ours']:.2f}x"])
+    return table(["2 cores of the Xeon, ComfyUI 0.3.75", "ours (s)", "core (s)", "core/ours"], rows)
+
+
+PHASES = {"read": "read the adapter (checked), map the base", "match_check": "match names, check_merge",
+          "prepare": "prepare (generators, Cayley, blend)", "cayley": "of which Cayley (`butterfly.cayley`)",
+          "cayley_lapack": "Cayley by LAPACK's `linalg.solve` (before)", "dense_blocks": "dense blocks",
+          "merge": "merge (`try_merge_into` from the map)", "finite": "finite check",
+          "cli_one_thread": "the whole CLI, `--threads 1`"}
+
+
+@generated
+def cli_phases_session11(load) -> str:
+    r = load("h200host_cli_phases_1thread_session11.json")
+    return table(["one Xeon core, 22 layers", "ms"], [[label, f"{r['ms'][k]:.0f}"] for k, label in PHASES.items()])
+
+
 LEASES = {"h200_sdxl_028_lease4.json": ("0.28, float16, lease 4", "4"),
           "h200_sdxl_028_lease5.json": ("0.28, float16, lease 5", "5"),
           "h200_sdxl_028.json": ("0.28, float16, lease 6, final code", "6, final code"),
