@@ -241,9 +241,12 @@ def cli_merge(load) -> str:
     return table(["2 cores of a Xeon", "ours (s)", "core (s)", "core/ours"], rows)
 
 
-CLI_SESSION11 = {"quiet_session11_1": "this code, first median of 5",
-                 "quiet_session11_old": "the last session's code (0a39fbd), same lease",
-                 "quiet_session11_2": "this code, second median of 5"}
+CLI_SESSION11 = {"quiet_session11_1": "lease A: this code, first median of 5",
+                 "quiet_session11_old": "lease A: the last session's code (0a39fbd)",
+                 "quiet_session11_2": "lease A: this code, second median of 5",
+                 "quiet_session11_lease2_1": "lease B: this code, before the slice sweep",
+                 "quiet_session11_lease2_2": "lease B: this code, after the sweep (1)",
+                 "quiet_session11_lease2_3": "lease B: this code, after the sweep (2)"}
 
 
 @generated
