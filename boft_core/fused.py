@@ -56,6 +56,9 @@ from .kernel import (
     triton,  # None without Triton
 )
 from .kernel import launch as _kernel_launch
+from .kernel import layer_launch as _layer_launch
+from .kernel import layer_scratch as _layer_scratch
+from .triton_launcher import current_stream
 
 __all__ = ["KERNEL_DTYPES", "PRECISION", "PRECISIONS", "FusedButterfly", "KernelTuning", "Run", "available",
            "contiguous_rows", "kernel_takes", "rows_view", "triton", "usable"]
@@ -170,6 +173,20 @@ def _self_test(device) -> bool:
                 error = ((got - want).norm() / want.norm()).item()
                 if not error < 1e-5:
                     raise RuntimeError(f"activations: relative error {error:.3g} against float64")
+                if layout == INTERLEAVED and y.stride(1) == 1:
+                    # every run in one launch (kernel.layer_launch), float16 channels-last in
+                    # place, the JIT's call then the direct one
+                    half = y.half()
+                    want = apply_stages(half.double()[0] - bias[:, None], rotations, layout) + bias[:, None]
+                    src = half.to(device)
+                    call = _Call(None, _layer_scratch(160, src.shape[2], 1, plan.tuning),
+                                 layer=plan._layer_launch(src, src, b, b))
+                    for _ in range(2):
+                        got = src.clone()
+                        call(plan, got, got, b, b)
+                        error = ((got[0].double().cpu() - want).norm() / want.norm()).item()
+                        if not error < 1e-3:
+                            raise RuntimeError(f"one launch per layer: relative error {error:.3g} against float64")
         return True
     except Exception as e:  # an environment problem, not bad input: the torch path is correct
         logging.getLogger(__name__).warning(
@@ -228,25 +245,53 @@ def _pack(blocks: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     return storage, offsets
 
 
+def _steps(launches: list, storage: torch.Tensor, sub, add) -> list:
+    """The runs' orchestration, one tuple per launch: (launch, its blocks sliced out of
+    ``storage``, the tensor it reads, the one it writes, whether it subtracts ``sub``, whether it
+    adds ``add``); tensors as indices into (source, destination, scratch): run 0 reads the source
+    and subtracts, the last run writes the destination and adds, the others read and write the
+    scratch (the destination itself where there is none)."""
+    last = len(launches) - 1
+    return [(launch, storage[launch.offset:launch.offset + launch.size], 0 if j == 0 else 2, 1 if j == last else 2,
+             j == 0 and sub is not None, j == last and add is not None) for j, launch in enumerate(launches)]
+
+
+def _run_steps(steps: list, tensors: tuple, sub, add, stream=None) -> None:
+    """The launches of :func:`_steps` on ``tensors`` (source, destination, scratch)."""
+    for launch, blocks, reads, writes, subtracts, adds in steps:
+        launch.run((tensors[reads], tensors[writes], blocks, sub if subtracts else blocks, add if adds else blocks),
+                   stream)
+
+
 class _Call:
-    """One call shape of :meth:`FusedButterfly.apply_channels`, worked out once: the launches with
-    their blocks sliced out, which tensor each reads and writes (0 the input, 1 the output, 2 the
-    float32 scratch, or the output itself when there is none), and the scratch's size; or, for
-    activations past the scratch budget, the general column-sliced path (``sliced``)."""
+    """One call shape of :meth:`FusedButterfly.apply_channels`, worked out once: the launches
+    (:func:`_steps`, one per run, or ``layer``, one for every run: ``kernel.layer_launch``) and
+    the float32 scratch's size; or, for activations past the scratch budget, the general
+    column-sliced path (``sliced``)."""
 
-    __slots__ = ("steps", "scratch", "sliced")
+    __slots__ = ("steps", "scratch", "sliced", "layer", "direct")
 
-    def __init__(self, steps, scratch: int, sliced=None):
-        self.steps, self.scratch, self.sliced = steps, scratch, sliced
+    def __init__(self, steps, scratch: int, sliced=None, layer=None):
+        self.steps, self.scratch, self.sliced, self.layer = steps, scratch, sliced, layer
+        self.direct = False  # every launch compiled: the stream is looked up here, once per call
 
     def __call__(self, plan: FusedButterfly, y: torch.Tensor, dst: torch.Tensor, sub, add) -> None:
         if self.sliced is not None:
             channel_dim, scratch_elems = self.sliced
             plan._triton(_channels_view(y, channel_dim), _channels_view(dst, channel_dim), scratch_elems, sub, add)
             return
-        tensors = (y, dst, torch.empty(self.scratch, dtype=torch.float32, device=y.device) if self.scratch else dst)
-        for launch, blocks, reads, writes, subtracts, adds in self.steps:
-            launch.run(tensors[reads], tensors[writes], blocks, sub if subtracts else blocks, add if adds else blocks)
+        stream = current_stream() if self.direct else None
+        tmp = torch.empty(self.scratch, dtype=torch.float32, device=y.device) if self.scratch else dst
+        if self.layer is not None:
+            storage = plan.storage
+            self.layer.run((y, dst, tmp, storage, storage if sub is None else sub, storage if add is None else add),
+                           stream)
+            launches = (self.layer,)
+        else:
+            _run_steps(self.steps, (y, dst, tmp), sub, add, stream)
+            launches = [step[0] for step in self.steps]
+        if not self.direct:
+            self.direct = bool(launches) and all(launch.compiled is not None for launch in launches)
 
 
 def _vector_key(v: torch.Tensor | None):
@@ -479,34 +524,34 @@ class FusedButterfly:
             return None
         if src_view.shape[2] == 0 or src_view.shape[0] == 0:
             return _Call([], 0)
-        several_half = len(self.runs) > 1 and y.dtype != torch.float32
+        batch, _, cols = src_view.shape
         budget = SCRATCH_ELEMS if scratch_elems is None else scratch_elems
+        programs = batch * -(-cols // self.tuning.layer_tile[0])
+        if (self.tuning.one_launch(self.precision, len(self.runs), max(run.padded for run in self.runs), programs)
+                and _layer_scratch(self.n, cols, batch, self.tuning) <= budget):
+            return _Call(None, _layer_scratch(self.n, cols, batch, self.tuning),
+                         layer=self._layer_launch(src_view, dst_view, sub, add))
+        several_half = len(self.runs) > 1 and y.dtype != torch.float32
         if several_half and src_view.numel() > budget:
             return _Call(None, 0, (channel_dim, scratch_elems))  # column slices: the general path
         # the scratch's columns are contiguous whatever ``y``'s layout: the runs between the first
         # and the last read and write it as the merge does a weight (coalesced along the columns)
         tmp_view = torch.empty(src_view.shape, dtype=torch.float32, device=y.device) if several_half else dst_view
-        launches = self._launches(src_view, tmp_view, dst_view, src_view.shape[2], sub, add)
-        last = len(launches) - 1
-        steps = [(launch, self.storage[launch.offset:launch.offset + launch.size],
-                  0 if j == 0 else 2, 1 if j == last else 2, j == 0 and sub is not None,
-                  j == last and add is not None)
-                 for j, launch in enumerate(launches)]
-        return _Call(steps, src_view.numel() if several_half else 0)
+        launches = self._launches(src_view, tmp_view, dst_view, cols, sub, add)
+        return _Call(_steps(launches, self.storage, sub, add), src_view.numel() if several_half else 0)
 
     def _triton(self, src: torch.Tensor, dst: torch.Tensor, scratch_elems: int | None,
                 sub: torch.Tensor | None = None, add: torch.Tensor | None = None) -> None:
         """The runs from ``src`` into ``dst`` ((batch, n, cols) views, any strides; the same
-        tensor in place): run 0 reads ``src`` (minus ``sub``), the last writes ``dst`` (plus
-        ``add``); between runs a half-precision tensor goes through a float32 scratch, a column
-        slice at a time."""
+        tensor in place), one launch per run: run 0 reads ``src`` (minus ``sub``), the last writes
+        ``dst`` (plus ``add``); between runs a half-precision tensor goes through a float32
+        scratch, a column slice at a time."""
         cols = src.shape[2]
         if cols == 0 or src.shape[0] == 0:
             return
-        storage = self.storage
         if len(self.runs) == 1 or dst.dtype == torch.float32:  # run 0 src -> dst, then dst in place
-            for j, launch in enumerate(self._launches(src, dst, dst, cols, sub, add)):
-                launch(src if j == 0 else dst, dst, storage, sub, add)
+            _run_steps(_steps(self._launches(src, dst, dst, cols, sub, add), self.storage, sub, add),
+                       (src, dst, dst), sub, add)
             return
         # several runs on float16/bfloat16: float32 between runs, a column slice at a time
         budget = SCRATCH_ELEMS if scratch_elems is None else scratch_elems
@@ -517,11 +562,29 @@ class FusedButterfly:
             width = step if cols - c0 - step >= 64 else cols - c0  # no slice narrower than 64
             part, into = src[:, :, c0:c0 + width], dst[:, :, c0:c0 + width]
             tmp = torch.empty_like(part, dtype=torch.float32)  # part's layout if dense, else contiguous
-            launches = self._launches(part, tmp, into, width, sub, add)
-            last = len(launches) - 1
-            for j, launch in enumerate(launches):
-                launch(part if j == 0 else tmp, into if j == last else tmp, storage, sub, add)
+            _run_steps(_steps(self._launches(part, tmp, into, width, sub, add), self.storage, sub, add),
+                       (part, into, tmp), sub, add)
             c0 += width
+
+    def _layer_launch(self, src: torch.Tensor, dst: torch.Tensor, sub: torch.Tensor | None,
+                      add: torch.Tensor | None):
+        """The one launch of every run for (batch, n, cols) views ``src`` and ``dst``
+        (``kernel.layer_launch``), kept like :meth:`_launches`' (shared by with_storage copies)."""
+        def strides(t):
+            return (t.stride(1), t.stride(2), t.stride(0))
+
+        def flags(t):
+            return None if t is None else (t.dtype, t.data_ptr() % 16 == 0)
+
+        key = ("layer", src.shape, strides(src), strides(dst), src.dtype, dst.dtype, src.device,
+               src.data_ptr() % 16 == 0, dst.data_ptr() % 16 == 0, flags(sub), flags(add))
+        launch = self._launch.get(key)
+        if launch is None:
+            runs = tuple((run.offset, run.count, run.d, run.padded, *run.geometry) for run in self.runs)
+            launch = self._launch[key] = _layer_launch(runs, self.n, src.shape[2], strides(src), strides(dst),
+                                                       self.precision, self.tuning, batch=src.shape[0],
+                                                       sub=sub is not None, add=add is not None)
+        return launch
 
     def _launches(self, src: torch.Tensor, tmp: torch.Tensor, dst: torch.Tensor, cols: int,
                   sub: torch.Tensor | None = None, add: torch.Tensor | None = None) -> list:

@@ -29,6 +29,12 @@ except ImportError:  # pragma: no cover - depends on the machine
 _COMPILED: dict = {}  # specialisation -> compiled kernel, shared by every plan's launches
 
 
+def current_stream():
+    """The current CUDA stream as Triton's launcher takes it (one lookup serves every launch of a
+    call)."""
+    return _driver.active.get_current_stream(_driver.active.get_current_device())
+
+
 class Launch:
     """One kernel launch with its grid, sizes and strides fixed; the tensors come with each call.
 
@@ -53,19 +59,12 @@ class Launch:
                       else (a == 1, a % 16 == 0, -2**31 <= a < 2**31) for a in args)
         return (self.kernel, tuple(self.consts.items()), self.num_warps, self.num_stages, args[0].device, flags)
 
-    def __call__(self, src: torch.Tensor, dst: torch.Tensor, storage: torch.Tensor,
-                 sub: torch.Tensor | None = None, add: torch.Tensor | None = None) -> None:
-        """Run it: ``src``/``dst`` the tensors read and written, ``storage`` the plan's blocks;
-        ``sub``/``add`` the per-row vectors of a launch made with them (else the blocks stand in
-        for the unused pointers)."""
-        blocks = storage[self.offset:self.offset + self.size]
-        self.run(src, dst, blocks, blocks if sub is None else sub, blocks if add is None else add)
-
-    def run(self, src: torch.Tensor, dst: torch.Tensor, blocks: torch.Tensor, sub: torch.Tensor,
-            add: torch.Tensor) -> None:
-        """:meth:`__call__` with this launch's ``blocks`` already sliced out and every pointer
-        given (the bypass calls it once per run and layer: no per-call slicing)."""
-        args = [src, dst, blocks, sub, add, *self.ints]
+    def run(self, tensors: tuple, stream=None) -> None:
+        """Run it on ``tensors``, the kernel's pointer arguments in order (the per-run kernels:
+        source, destination, this launch's blocks, the vectors to subtract and add, the blocks
+        standing in for an unused one); ``stream``: the current CUDA stream's handle
+        (:func:`current_stream`) when the caller has it, else looked up here."""
+        args = [*tensors, *self.ints]
         c = self.compiled
         if c is None:
             # another plan's launch of the same specialisation (layers of one shape) already
@@ -79,7 +78,8 @@ class Launch:
             if compiled is not None:
                 self.compiled = _COMPILED[self._specialisation(args)] = compiled
             return
-        stream = _driver.active.get_current_stream(_driver.active.get_current_device())
+        if stream is None:
+            stream = current_stream()
         enter = _knobs.runtime.launch_enter_hook
         if enter is None:
             c.run(self.grid[0], self.grid[1], self.grid[2], stream, c.function, c.packed_metadata, None, None,
