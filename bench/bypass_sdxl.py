@@ -14,17 +14,14 @@ does on a GPU). Example::
 
     python bench/bypass_sdxl.py --comfyui /path/to/ComfyUI-0.28 --dtype float16 --json out.json
 
-``--launches per-run,per-layer,auto``: the bypass forward with each of the kernel's launch
-choices in turn, on the same injected adapters (``bypass_<choice>_ms`` and ``_gpu_ms``; the
-last one's also as ``bypass_ms``): one launch per run, one for every run of a layer wherever the
-kernel can (``kernel.layer_launch``), or the default rule (``kernel.DEFAULT_TUNING``).
-``--sweep``: per call shape of one forward (plan, activation shape, layout), the GPU time of one
-call per launch choice (``shape_sweep``).
+``--sweep``: per distinct call of one forward (plan, activation shape, layout), the GPU time and
+the host time of one ``apply_channels`` call (``shape_sweep``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -69,40 +66,15 @@ class NullAdapter:
         return org_forward(x, *args, **kwargs)
 
 
-def launch_tunings(kernel):
-    """The kernel's launch choices by name (``--launches``; ``per-layer-<BN>[-s<stages>]``: another
-    column tile, software pipelining of the block loop)."""
-    import dataclasses
-
-    default = kernel.DEFAULT_TUNING
-    tunings = {"per-run": dataclasses.replace(default, layer_programs=None),
-               "per-layer": dataclasses.replace(default, layer_programs=0), "auto": default}
-    for bn in (16, 32, 64):
-        for stages in (1, 3):
-            tunings[f"per-layer-{bn}" + ("" if stages == 1 else f"-s{stages}")] = dataclasses.replace(
-                default, layer_programs=0, layer_tile=(bn, default.layer_tile[1]), stages=stages)
-    return tunings
-
-
-def pack_modules(adapters):
-    """The pack's ``boft_core.fused`` and ``boft_core.kernel`` as the host loaded them (under the
-    custom node's package name, not this script's ``boft_core``), from an injected adapter's plan."""
-    plan = next(iter(adapters.values()))._held[1].fused()
-    fused = sys.modules[type(plan).__module__]
-    return fused, sys.modules[fused.__name__.rsplit(".", 1)[0] + ".kernel"]
-
-
-def use_tuning(adapters, tuning):
-    """Bench only: every injected adapter's held plan (``NodeAdapter._held``, prepared by a forward)
-    replaced by a variant with ``tuning`` (same blocks; compiled kernels are shared by all)."""
-    for adapter in adapters.values():
-        patch = adapter._held[1]
-        patch._plans["fused"] = patch.fused().variant(tuning=tuning)
+def pack_fused(adapters):
+    """The pack's ``boft_core.fused`` as the host loaded it (under the custom node's package name,
+    not this script's ``boft_core``), from an injected adapter's prepared plan."""
+    return sys.modules[type(next(iter(adapters.values()))._held[1].fused()).__module__]
 
 
 def call_shapes(fused, forward):
     """Bench only: the distinct calls of ``FusedButterfly.apply_channels`` in one ``forward``:
-    {(n, runs, shape, stride, channel_dim, dtype, sub, add): [count, plan]}."""
+    {(n, runs, shape, stride, channel_dim, dtype, sub, add, in place): [count, plan, scratch_elems]}."""
     seen = {}
     original = fused.FusedButterfly.apply_channels
 
@@ -120,57 +92,63 @@ def call_shapes(fused, forward):
     return seen
 
 
-def shape_sweep(fused, tunings, names, forward, reps=20):
-    """Per distinct call of one forward (:func:`call_shapes`), with each tuning in ``names``: the GPU
-    time of one call (``us``: CUDA events while ``torch.cuda._sleep`` keeps the queue full, so the
-    host's launch time is hidden; median of ``reps``), the host time of the call (``host_us``:
-    views, checks, launches) and the result's relative difference from the first name's. Tiles
-    other than 16 compile on first use (only shapes with at least 128 column tiles x matrices at
-    BN 16 get them)."""
+def shape_sweep(fused, forward, reps=20):
+    """Per distinct call of one forward (:func:`call_shapes`): the GPU time of one call (``us``:
+    CUDA events while ``torch.cuda._sleep`` keeps the queue full, so the host's launch time is
+    hidden) and its host time (``host_us``: views, checks, launches, until the call returns; and
+    ``host_us_hooked`` with a no-op launch hook, :func:`launch_hook`), medians of ``reps``."""
     rows = []
     for (n, runs, shape, stride, dim, dtype, has_sub, has_add, in_place), (count, plan, scratch) in \
             sorted(call_shapes(fused, forward).items(), key=lambda kv: -kv[1][0]):
         dev = plan.storage.device
-        y0 = torch.empty_strided(shape, stride, dtype=getattr(torch, dtype), device=dev).normal_()
-        reference = None
-        bias = torch.randn(n, device=dev, dtype=y0.dtype)
-        view = fused._channels_view(y0, dim)
-        batch, cols = view.shape[0], view.shape[2]
-        row = {"n": n, "runs": runs, "shape": list(shape), "channel_dim": dim, "batch": batch, "cols": cols,
-               "count": count, "dtype": dtype, "in_place": in_place, "us": {}}
-        for name in names:
-            tuning = tunings[name]
-            if name.startswith("per-layer-") and batch * -(-cols // 16) < 128 and not name.startswith("per-layer-16"):
-                continue
-            variant = plan.variant(tuning=tuning)
-            y = y0.clone()
-            kw = dict(out=None if in_place else torch.empty_like(y), sub=bias if has_sub else None,
-                      add=bias if has_add else None, scratch_elems=scratch)
-            got = variant.apply_channels(y, dim, **kw)
-            if got is None:
-                continue
-            got = got.float()
-            if reference is None:  # the first name's result (per-run): the others must agree with it
-                reference = got
-            row.setdefault("rel_to_first", {})[name] = ((got - reference).norm() / reference.norm()).item()
-            y.copy_(y0)
-            times, host = [], []
-            for _ in range(reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda._sleep(2_000_000)  # ~1 ms of GPU time queued before the call
+        y = torch.empty_strided(shape, stride, dtype=getattr(torch, dtype), device=dev).normal_()
+        bias = torch.randn(n, device=dev, dtype=y.dtype)
+        view = fused._channels_view(y, dim)
+        kw = dict(out=None if in_place else torch.empty_like(y), sub=bias if has_sub else None,
+                  add=bias if has_add else None, scratch_elems=scratch)
+        if plan.apply_channels(y, dim, **kw) is None:
+            continue
+        times, host, hooked = [], [], []
+        for i in range(2 * reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(2_000_000)  # ~1 ms of GPU time queued before the call
+            with launch_hook(i % 2):
                 start.record()
                 t0 = time.perf_counter()
-                variant.apply_channels(y, dim, **kw)
-                host.append((time.perf_counter() - t0) * 1e6)
+                plan.apply_channels(y, dim, **kw)
+                (hooked if i % 2 else host).append((time.perf_counter() - t0) * 1e6)
                 end.record()
-                sync()
+            sync()
+            if not i % 2:
                 times.append(start.elapsed_time(end) * 1e3)
-            call_ = next(iter(variant._calls.values()))
-            row["us"][name] = statistics.median(times)
-            row.setdefault("host_us", {})[name] = statistics.median(host)
-            row.setdefault("one_launch", {})[name] = call_ is not None and call_.layer is not None
-        rows.append(row)
+        rows.append({"n": n, "runs": runs, "shape": list(shape), "channel_dim": dim, "batch": view.shape[0],
+                     "cols": view.shape[2], "count": count, "dtype": dtype, "in_place": in_place,
+                     "us": statistics.median(times), "host_us": statistics.median(host),
+                     "host_us_hooked": statistics.median(hooked)})
     return rows
+
+
+@contextlib.contextmanager
+def launch_hook(on=True):
+    """A no-op Triton launch hook while in the block (``on``): every launch then takes the hooked
+    path (launch metadata, the hook calls, ``CudaLauncher.__call__``), which is what the launcher
+    did on every launch before it skipped Triton 3.6's empty hook chain (bench/RESULTS.md,
+    Session 11)."""
+    from triton import knobs
+
+    chain = knobs.runtime.launch_enter_hook
+    if not on or not hasattr(chain, "add"):
+        yield
+        return
+    chain.add(_noop)
+    try:
+        yield
+    finally:
+        chain.remove(_noop)
+
+
+def _noop(*args):
+    return None
 
 
 def gpu_profile(fn):
@@ -230,10 +208,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--json")
-    p.add_argument("--launches", default="auto",
-                   help="comma-separated launch choices to time the bypass forward with: per-run, per-layer, "
-                        "auto (the default rule), per-layer-16/32/64 (one launch, that column tile)")
-    p.add_argument("--sweep", action="store_true", help="GPU time per call shape and launch choice")
+    p.add_argument("--sweep", action="store_true", help="GPU and host time per call shape")
     p.add_argument("--smoke", action="store_true",
                    help="a check of this script on the CPU: a small SDXL-family UNet, 16x16 latent, float32")
     args = p.parse_args(argv)
@@ -289,34 +264,18 @@ def main(argv=None):
     if device.type == "cuda":
         from triton import knobs
 
-        res["triton_launch_enter_hook"] = repr(knobs.runtime.launch_enter_hook)
-    profiles = []
-    names = args.launches.split(",") if device.type == "cuda" else ["auto"]
+        res["triton_launch_enter_hooks"] = repr(getattr(knobs.runtime.launch_enter_hook, "calls", "?"))
+    res["bypass_ms"], res["bypass_all"] = timed(forward, args.runs)  # before any profiler (launch hooks)
     if device.type == "cuda":
-        fused, kernel = pack_modules(adapters)
-        tunings = launch_tunings(kernel)
-        res["default_tuning"] = repr(kernel.DEFAULT_TUNING)
-    for name in names:  # the timed forwards first: the profilers below leave launch hooks behind
-        if device.type == "cuda":
-            use_tuning(adapters, tunings[name])
-            res[f"first_{name}_ms"], _ = once(forward)  # compiles what this choice adds
-        res[f"bypass_{name}_ms"], res[f"bypass_{name}_all"] = timed(forward, args.runs)
-        res["bypass_ms"], res["bypass_all"] = res[f"bypass_{name}_ms"], res[f"bypass_{name}_all"]
-    for name in names:
-        if device.type == "cuda":  # where a bypass forward's GPU time goes
-            use_tuning(adapters, tunings[name])
-            forward()
-            res[f"bypass_{name}_gpu_ms"], table = gpu_profile(forward)
-            res["bypass_gpu_ms"] = res[f"bypass_{name}_gpu_ms"]
-            profiles.append(f"--- {name}: GPU\n{table}")
-        prof = python_profile(forward)
-        res[f"python_profile_{name}"] = prof
-        profiles.append(f"--- {name}: Python\n{prof}")
+        with launch_hook():  # every launch through the hooked path, as before Session 11
+            res["bypass_hooked_ms"], res["bypass_hooked_all"] = timed(forward, args.runs)
+        # where a bypass forward's GPU time goes
+        res["bypass_gpu_ms"], res["profile"] = gpu_profile(forward)
+    res["python_profile"] = python_profile(forward)
     if device.type == "cuda":
-        res["triton_launch_enter_hook_after_profiles"] = repr(knobs.runtime.launch_enter_hook)
-    if args.sweep and device.type == "cuda":
-        res["sweep"] = shape_sweep(fused, tunings, ["per-run", "per-layer-16", "per-layer-16-s3", "per-layer-64"],
-                                   forward)
+        res["triton_launch_enter_hooks_after_profiles"] = repr(getattr(knobs.runtime.launch_enter_hook, "calls", "?"))
+        if args.sweep:
+            res["sweep"] = shape_sweep(pack_fused(adapters), forward)
     res["bypass_changed_output_rel"] = ((out.float() - plain_out).norm() / plain_out.norm()).item()
     injection.eject(None)
     # a strength change with the batched preparation our loader runs on a GPU before sampling
@@ -334,9 +293,10 @@ def main(argv=None):
     res["cache_counts"] = dict(cache.counts)
     if device.type == "cuda":
         res["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    print("\n".join(profiles))
-    print(json.dumps({k: v for k, v in res.items() if not k.endswith("_all") and not k.startswith("python_profile")
-                      and k != "sweep"}, indent=1))
+    print(res.pop("profile", ""))
+    print(res["python_profile"])
+    print(json.dumps({k: v for k, v in res.items() if not k.endswith("_all") and k not in ("python_profile", "sweep")},
+                     indent=1))
     if args.json:
         harness.write_json(args.json, res)
     return res

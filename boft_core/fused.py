@@ -56,8 +56,6 @@ from .kernel import (
     triton,  # None without Triton
 )
 from .kernel import launch as _kernel_launch
-from .kernel import layer_launch as _layer_launch
-from .kernel import layer_scratch as _layer_scratch
 from .triton_launcher import current_stream
 
 __all__ = ["KERNEL_DTYPES", "PRECISION", "PRECISIONS", "FusedButterfly", "KernelTuning", "Run", "available",
@@ -173,20 +171,6 @@ def _self_test(device) -> bool:
                 error = ((got - want).norm() / want.norm()).item()
                 if not error < 1e-5:
                     raise RuntimeError(f"activations: relative error {error:.3g} against float64")
-                if layout == INTERLEAVED and y.stride(1) == 1:
-                    # every run in one launch (kernel.layer_launch), float16 channels-last in
-                    # place, the JIT's call then the direct one
-                    half = y.half()
-                    want = apply_stages(half.double()[0] - bias[:, None], rotations, layout) + bias[:, None]
-                    src = half.to(device)
-                    call = _Call(None, _layer_scratch(160, src.shape[2], 1, plan.tuning),
-                                 layer=plan._layer_launch(src, src, b, b))
-                    for _ in range(2):
-                        got = src.clone()
-                        call(plan, got, got, b, b)
-                        error = ((got[0].double().cpu() - want).norm() / want.norm()).item()
-                        if not error < 1e-3:
-                            raise RuntimeError(f"one launch per layer: relative error {error:.3g} against float64")
         return True
     except Exception as e:  # an environment problem, not bad input: the torch path is correct
         logging.getLogger(__name__).warning(
@@ -265,14 +249,13 @@ def _run_steps(steps: list, tensors: tuple, sub, add, stream=None) -> None:
 
 class _Call:
     """One call shape of :meth:`FusedButterfly.apply_channels`, worked out once: the launches
-    (:func:`_steps`, one per run, or ``layer``, one for every run: ``kernel.layer_launch``) and
-    the float32 scratch's size; or, for activations past the scratch budget, the general
-    column-sliced path (``sliced``)."""
+    (:func:`_steps`) and the float32 scratch's size; or, for activations past the scratch budget,
+    the general column-sliced path (``sliced``)."""
 
-    __slots__ = ("steps", "scratch", "sliced", "layer", "direct")
+    __slots__ = ("steps", "scratch", "sliced", "direct")
 
-    def __init__(self, steps, scratch: int, sliced=None, layer=None):
-        self.steps, self.scratch, self.sliced, self.layer = steps, scratch, sliced, layer
+    def __init__(self, steps, scratch: int, sliced=None):
+        self.steps, self.scratch, self.sliced = steps, scratch, sliced
         self.direct = False  # every launch compiled: the stream is looked up here, once per call
 
     def __call__(self, plan: FusedButterfly, y: torch.Tensor, dst: torch.Tensor, sub, add) -> None:
@@ -280,18 +263,10 @@ class _Call:
             channel_dim, scratch_elems = self.sliced
             plan._triton(_channels_view(y, channel_dim), _channels_view(dst, channel_dim), scratch_elems, sub, add)
             return
-        stream = current_stream() if self.direct else None
         tmp = torch.empty(self.scratch, dtype=torch.float32, device=y.device) if self.scratch else dst
-        if self.layer is not None:
-            storage = plan.storage
-            self.layer.run((y, dst, tmp, storage, storage if sub is None else sub, storage if add is None else add),
-                           stream)
-            launches = (self.layer,)
-        else:
-            _run_steps(self.steps, (y, dst, tmp), sub, add, stream)
-            launches = [step[0] for step in self.steps]
-        if not self.direct:
-            self.direct = bool(launches) and all(launch.compiled is not None for launch in launches)
+        _run_steps(self.steps, (y, dst, tmp), sub, add, current_stream() if self.direct else None)
+        if not self.direct:  # (the interpreter, TRITON_INTERPRET=1, never compiles: no stream there)
+            self.direct = bool(self.steps) and all(step[0].compiled is not None for step in self.steps)
 
 
 def _vector_key(v: torch.Tensor | None):
@@ -524,13 +499,8 @@ class FusedButterfly:
             return None
         if src_view.shape[2] == 0 or src_view.shape[0] == 0:
             return _Call([], 0)
-        batch, _, cols = src_view.shape
+        cols = src_view.shape[2]
         budget = SCRATCH_ELEMS if scratch_elems is None else scratch_elems
-        programs = batch * -(-cols // self.tuning.layer_tile[0])
-        if (self.tuning.one_launch(self.precision, len(self.runs), max(run.padded for run in self.runs), programs)
-                and _layer_scratch(self.n, cols, batch, self.tuning) <= budget):
-            return _Call(None, _layer_scratch(self.n, cols, batch, self.tuning),
-                         layer=self._layer_launch(src_view, dst_view, sub, add))
         several_half = len(self.runs) > 1 and y.dtype != torch.float32
         if several_half and src_view.numel() > budget:
             return _Call(None, 0, (channel_dim, scratch_elems))  # column slices: the general path
@@ -565,26 +535,6 @@ class FusedButterfly:
             _run_steps(_steps(self._launches(part, tmp, into, width, sub, add), self.storage, sub, add),
                        (part, into, tmp), sub, add)
             c0 += width
-
-    def _layer_launch(self, src: torch.Tensor, dst: torch.Tensor, sub: torch.Tensor | None,
-                      add: torch.Tensor | None):
-        """The one launch of every run for (batch, n, cols) views ``src`` and ``dst``
-        (``kernel.layer_launch``), kept like :meth:`_launches`' (shared by with_storage copies)."""
-        def strides(t):
-            return (t.stride(1), t.stride(2), t.stride(0))
-
-        def flags(t):
-            return None if t is None else (t.dtype, t.data_ptr() % 16 == 0)
-
-        key = ("layer", src.shape, strides(src), strides(dst), src.dtype, dst.dtype, src.device,
-               src.data_ptr() % 16 == 0, dst.data_ptr() % 16 == 0, flags(sub), flags(add))
-        launch = self._launch.get(key)
-        if launch is None:
-            runs = tuple((run.offset, run.count, run.d, run.padded, *run.geometry) for run in self.runs)
-            launch = self._launch[key] = _layer_launch(runs, self.n, src.shape[2], strides(src), strides(dst),
-                                                       self.precision, self.tuning, batch=src.shape[0],
-                                                       sub=sub is not None, add=add is not None)
-        return launch
 
     def _launches(self, src: torch.Tensor, tmp: torch.Tensor, dst: torch.Tensor, cols: int,
                   sub: torch.Tensor | None = None, add: torch.Tensor | None = None) -> list:

@@ -54,8 +54,6 @@ class KernelTuning:
                                                      256: (32, 8)})
     programs: int = 0
     stages: int = 1
-    layer_tile: tuple = (16, 4)
-    layer_programs: int | None = 0
 
     def tile(self, precision: str, padded: int) -> tuple[int, int]:
         return (self.fma_tiles if precision == "fma" else self.tiles).get(padded, (32, 8))
@@ -63,15 +61,7 @@ class KernelTuning:
     def key(self) -> tuple:
         """A hashable summary (plans key their launches on it)."""
         return (tuple(sorted(self.tiles.items())), tuple(sorted(self.fma_tiles.items())), self.programs,
-                self.stages, self.layer_tile, self.layer_programs)
-
-    def one_launch(self, precision: str, runs: int, padded: int, programs: int) -> bool:
-        """Whether activations go through :func:`layer_launch` (one launch for every run) rather
-        than one :func:`launch` per run: several runs, a ``tl.dot`` precision, blocks of at most
-        ``LAYER_MAX_D`` padded rows, and at least ``layer_programs`` programs (column tiles x
-        batch; None: never)."""
-        return (self.layer_programs is not None and runs > 1 and precision != "fma" and padded <= LAYER_MAX_D
-                and programs >= self.layer_programs)
+                self.stages)
 
 
 DEFAULT_TUNING = KernelTuning()
@@ -106,32 +96,6 @@ def launch(geometry: tuple[int, int, int], count: int, d: int, padded: int, offs
         consts["PREC"] = precision
     ints = (cols, strides_in[0], strides_out[0], strides_in[1], strides_out[1], strides_in[2], strides_out[2])
     return Launch(kernel, (count, chunks, batch), ints, consts, warps, tuning.stages, offset, count * d * d)
-
-
-# The largest padded block the one-launch kernel takes (registers: a D x D block and a D x BN tile
-# per program); the in-place plans' default blocks (fast.MAX_BLOCK, 40 rows) pad to 64.
-LAYER_MAX_D = 64
-
-
-def layer_launch(runs: tuple, n: int, cols: int, strides_in: tuple[int, int, int],
-                 strides_out: tuple[int, int, int], precision: str, tuning: KernelTuning, batch: int = 1,
-                 sub: bool = False, add: bool = False) -> Launch:
-    """The launch of every run at once (``_layer_kernel``): ``runs`` per run (offset, count, d,
-    padded, inner, size, unit) as :func:`launch` takes them; one program per column tile
-    (``tuning.layer_tile``) and matrix. Its pointer arguments: source, destination, a float32
-    scratch of :func:`layer_scratch` elements, the plan's storage, the vectors to subtract and
-    add."""
-    bn, warps = tuning.layer_tile
-    contig = strides_in[1] == 1 and strides_out[1] == 1
-    consts = {"RUNS": runs, "N": n, "BN": bn, "SUB": sub, "ADD": add, "CONTIG": contig, "PREC": precision}
-    ints = (cols, strides_in[0], strides_out[0], strides_in[1], strides_out[1], strides_in[2], strides_out[2])
-    return Launch(_layer_kernel, (triton.cdiv(cols, bn), batch, 1), ints, consts, warps, tuning.stages, 0, 0)
-
-
-def layer_scratch(n: int, cols: int, batch: int, tuning: KernelTuning) -> int:
-    """Elements of float32 scratch :func:`layer_launch` needs: (batch, column tiles, n, BN)."""
-    bn = tuning.layer_tile[0]
-    return batch * -(-cols // bn) * n * bn
 
 
 _SMS = None
@@ -233,61 +197,3 @@ if triton is not None:
             tl.debug_barrier()  # every thread has read these rows before any writes them
             tl.store(dst_ptr + doff[:, None] + dcol[None, :], acc.to(dst_ptr.dtype.element_ty),
                      mask=rmask[:, None] & cmask[None, :])
-
-    # cols and the batch strides only bound masks and offset matrices: not compiled in (one kernel
-    # for every token count; the JIT would otherwise compile again per divisibility by 16)
-    @triton.jit(do_not_specialize=["cols", "bstride_s", "bstride_d"])
-    def _layer_kernel(src_ptr, dst_ptr, tmp_ptr, blk_ptr, sub_ptr, add_ptr, cols, stride_s, stride_d, cstride_s,
-                      cstride_d, bstride_s, bstride_d,
-                      RUNS: tl.constexpr, N: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, ADD: tl.constexpr,
-                      CONTIG: tl.constexpr, PREC: tl.constexpr):
-        """Every run of a plan from src to dst ((batch, n, cols), any strides, may be the same
-        tensor) in one launch: program (column tile c, matrix z) owns columns c*BN .. c*BN+BN-1 of
-        matrix z with all N rows and applies the runs in turn (``_layer_run``). ``RUNS``: per run
-        (offset in blk, count, d, D, INNER, SIZE, UNIT) as ``_run_kernel``'s. Run 0 reads src
-        (minus sub[row] with ``SUB``), the last writes dst's dtype (plus add[row] with ``ADD``),
-        the runs between go through this program's own (N, BN) float32 slice of tmp (no other
-        program touches it, so a barrier between runs is the only sync)."""
-        c = tl.program_id(0)
-        z = tl.program_id(1).to(tl.int64)
-        cc = c * BN + tl.arange(0, BN)
-        scol, dcol = _columns(cc, cstride_s, cstride_d, CONTIG)
-        src = src_ptr + z * bstride_s + scol[None, :]
-        dst = dst_ptr + z * bstride_d + dcol[None, :]
-        own = tmp_ptr + (z * tl.num_programs(0) + c) * (N * BN) + tl.arange(0, BN)[None, :]
-        for j in tl.static_range(len(RUNS)):
-            if j > 0:
-                tl.debug_barrier()  # every thread sees the previous run's stores
-            _layer_run(src, dst, own, blk_ptr, sub_ptr, add_ptr, (cc < cols)[None, :], stride_s, stride_d,
-                       RUNS[j][0], RUNS[j][1], RUNS[j][2], RUNS[j][3], RUNS[j][4], RUNS[j][5], RUNS[j][6],
-                       BN, j == 0, j == len(RUNS) - 1, SUB, ADD, PREC)
-
-    @triton.jit
-    def _layer_run(src, dst, own, blk_ptr, sub_ptr, add_ptr, cmask, stride_s, stride_d,
-                   OFF: tl.constexpr, COUNT: tl.constexpr, d: tl.constexpr, D: tl.constexpr, INNER: tl.constexpr,
-                   SIZE: tl.constexpr, UNIT: tl.constexpr, BN: tl.constexpr, FIRST: tl.constexpr,
-                   LAST: tl.constexpr, SUB: tl.constexpr, ADD: tl.constexpr, PREC: tl.constexpr):
-        """One run of ``_layer_kernel`` on its program's columns, block after block: ``src``/``dst``
-        point at row 0 of those columns (1 x BN), ``own`` at the program's scratch."""
-        r = tl.arange(0, D)
-        rmask = r < d
-        for k in range(COUNT):
-            rows = _rows(k, r, INNER, SIZE, UNIT)
-            blk = tl.load(blk_ptr + OFF + k * (d * d) + r[:, None] * d + r[None, :],
-                          mask=rmask[:, None] & rmask[None, :], other=0.0)  # zero-padded to D x D
-            if FIRST:
-                tile = tl.load(src + rows.to(tl.int64)[:, None] * stride_s, mask=rmask[:, None] & cmask,
-                               other=0.0).to(tl.float32)
-                if SUB:
-                    tile = tile - tl.load(sub_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
-            else:
-                tile = tl.load(own + rows[:, None] * BN, mask=rmask[:, None], other=0.0)
-            # tl.dot reads the whole tile (through shared memory) before any thread stores
-            out = tl.dot(blk, tile, input_precision=PREC)
-            if LAST:
-                if ADD:
-                    out = out + tl.load(add_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
-                tl.store(dst + rows.to(tl.int64)[:, None] * stride_d, out.to(dst.dtype.element_ty),
-                         mask=rmask[:, None] & cmask)
-            else:
-                tl.store(own + rows[:, None] * BN, out, mask=rmask[:, None])

@@ -7,7 +7,13 @@ every launch path twice per device, and falls back to the torch path if they fai
 * ``CompiledKernel.run``'s positional arguments (grid x/y/z, stream, ``function``,
   ``packed_metadata``, launch metadata, enter hook, exit hook, then the kernel's arguments and
   constants), and ``CompiledKernel.launch_metadata``;
-* ``triton.knobs.runtime.launch_enter_hook`` / ``launch_exit_hook`` (where the hooks live);
+* that ``CompiledKernel.run`` is the CUDA backend's ``CudaLauncher``, whose ``launch`` (the
+  compiled C launcher) takes grid x/y/z, stream, ``function``, ``launch_cooperative_grid``,
+  ``launch_pdl``, the global and profile scratch (None when ``global_scratch_size`` and
+  ``profile_scratch_size`` are 0), then ``CompiledKernel.run``'s arguments from
+  ``packed_metadata`` on (:func:`_direct`: called without ``CudaLauncher.__call__``);
+* ``triton.knobs.runtime.launch_enter_hook`` / ``launch_exit_hook`` (where the hooks live; a
+  ``HookChain`` in Triton 3.6, empty unless something watches launches: :func:`_hooked`);
 * ``triton.runtime.driver.active.get_current_stream`` / ``get_current_device``;
 * what Triton specialises a compiled kernel on (:meth:`Launch._specialisation`: pointers'
   dtypes and 16-byte alignment; integers equal to 1, divisible by 16, 32-bit or not), and that
@@ -27,6 +33,24 @@ except ImportError:  # pragma: no cover - depends on the machine
     _knobs = _driver = None
 
 _COMPILED: dict = {}  # specialisation -> compiled kernel, shared by every plan's launches
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook does anything: None does not, nor an empty ``HookChain`` (Triton 3.6
+    always sets one; handing it to the launcher costs a metadata object and two Python calls
+    per launch)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _direct(compiled):
+    """The compiled kernel's C launcher with its fixed arguments, ``(launch, cooperative, pdl)``,
+    when calling it directly is what ``CudaLauncher.__call__`` would do (no scratch to allocate);
+    else None."""
+    launcher = compiled.run
+    if (getattr(launcher, "global_scratch_size", None) == 0 and getattr(launcher, "profile_scratch_size", None) == 0
+            and hasattr(launcher, "launch")):
+        return (launcher.launch, launcher.launch_cooperative_grid, launcher.launch_pdl)
+    return None
 
 
 def current_stream():
@@ -51,6 +75,8 @@ class Launch:
         self.kernel, self.grid, self.ints, self.consts = kernel, grid, ints, consts
         self.num_warps, self.num_stages, self.offset, self.size = num_warps, num_stages, offset, size
         self.compiled = None
+        self._consts = tuple(consts.values())
+        self._direct = False  # the C launcher (_direct), resolved after the first compiled call
 
     def _specialisation(self, args: list) -> tuple:
         """What Triton compiles a kernel for besides the constants: the pointers' dtypes and
@@ -80,11 +106,18 @@ class Launch:
             return
         if stream is None:
             stream = current_stream()
-        enter = _knobs.runtime.launch_enter_hook
-        if enter is None:
-            c.run(self.grid[0], self.grid[1], self.grid[2], stream, c.function, c.packed_metadata, None, None,
-                  None, *args, *self.consts.values())
-        else:  # hooks (a profiler, or a library that watches launches) get what the JIT gives them
-            meta = c.launch_metadata(self.grid, stream, *args, *self.consts.values())
-            c.run(self.grid[0], self.grid[1], self.grid[2], stream, c.function, c.packed_metadata, meta, enter,
-                  _knobs.runtime.launch_exit_hook, *args, *self.consts.values())
+        enter, leave = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
+        x, y, z = self.grid
+        if _hooked(enter) or _hooked(leave):  # a profiler, or a library that watches launches
+            meta = c.launch_metadata(self.grid, stream, *args, *self._consts)
+            c.run(x, y, z, stream, c.function, c.packed_metadata, meta, enter, leave, *args, *self._consts)
+            return
+        direct = self._direct
+        if direct is False:
+            direct = self._direct = _direct(c)
+        if direct is None:
+            c.run(x, y, z, stream, c.function, c.packed_metadata, None, None, None, *args, *self._consts)
+        else:
+            launch, cooperative, pdl = direct
+            launch(x, y, z, stream, c.function, cooperative, pdl, None, None, c.packed_metadata, None, None, None,
+                   *args, *self._consts)

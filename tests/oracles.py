@@ -17,17 +17,16 @@ import torch.nn as nn
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 
 
-def within_one_ulp(got: torch.Tensor, want64: torch.Tensor, nearest: bool = True) -> bool:
+def within_one_ulp(got: torch.Tensor, want64: torch.Tensor) -> bool:
     """The float64 oracle's check for a half- or single-precision result: |got - exact| <= one ulp
     of got's dtype at the exact value (+ float32 arithmetic: 1e-6 of the largest value, which
-    matters only near zero) everywhere, and (``nearest``) no worse than rounding the exact result."""
+    matters only near zero) everywhere, and no worse than rounding the exact result."""
     rounded = want64.to(got.dtype)
     mag = rounded.abs()
     ulp = (torch.nextafter(mag, torch.full_like(mag, float("inf"))) - mag).double()
     err = (got.double() - want64).abs()
     slack = 1e-6 * want64.abs().max()
-    return bool((err <= ulp + slack).all()
-                and (not nearest or err.max() <= (rounded.double() - want64).abs().max() + slack))
+    return bool((err <= ulp + slack).all() and err.max() <= (rounded.double() - want64).abs().max() + slack)
 
 
 def peft_folder_renamed(saved, folder, paths: dict[str, str]) -> dict[str, torch.Tensor]:

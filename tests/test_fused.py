@@ -4,15 +4,13 @@ The plan and its torch path run everywhere; the Triton kernels only where Triton
 (skipped otherwise).
 """
 
-import dataclasses
-import os
 import zlib
 
 import pytest
 import torch
 from oracles import within_one_ulp
 
-from boft_core import butterfly, fused, kernel
+from boft_core import butterfly, fused
 
 LAYOUTS = (butterfly.INTERLEAVED, butterfly.CONCATENATED)
 # (m, nb, b): m = 1 (odd b too, concatenated only), b = 2, full butterflies, PEFT-style block
@@ -22,25 +20,6 @@ SHAPES = [(1, 1, 4), (1, 6, 4), (1, 5, 3), (1, 4, 7), (2, 2, 4), (2, 6, 6), (3, 
 CASES = [(layout, shape) for layout in LAYOUTS for shape in SHAPES
          if butterfly.check_butterfly_shape(*shape, layout) is None]
 needs_triton = pytest.mark.skipif(not fused.available(), reason="needs Triton and a CUDA device")
-# TRITON_INTERPRET=1 (Triton's interpreter, set before Triton is imported): the tests that take the
-# ``kernel_device`` fixture run the kernels on the CPU; without it they need a CUDA device.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and fused.triton is not None
-# launch choices: one launch per run, or one for every run of a layer wherever the kernel can
-PER_RUN = dataclasses.replace(kernel.DEFAULT_TUNING, layer_programs=None)
-PER_LAYER = dataclasses.replace(kernel.DEFAULT_TUNING, layer_programs=0)
-
-
-@pytest.fixture
-def kernel_device(monkeypatch):
-    """Where the Triton kernels run: the CUDA device, or the CPU under Triton's interpreter
-    (TRITON_INTERPRET=1; the self-test counted as passed there); skipped otherwise."""
-    if INTERPRETED:
-        monkeypatch.setattr(fused, "available", lambda: True)
-        monkeypatch.setitem(fused._VERIFIED, torch.device("cpu"), True)
-        return torch.device("cpu")
-    if not fused.available():
-        pytest.skip("needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
-    return torch.device("cuda")
 
 
 def seed(*parts) -> int:
@@ -341,19 +320,15 @@ def _channels_cases(n, gen):
 
 
 @needs_triton
-@pytest.mark.parametrize("launches", ["per-run", "per-layer"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("precision", ["tf32x3", "fma"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_triton_apply_channels(layout, precision, dtype, launches):
+def test_triton_apply_channels(layout, precision, dtype):
     """The bypass's kernel path: ``S B (y - sub) + add`` on the channel axis of activations as they
     lie (channels last, NCHW, channels_last memory, batches), in place and into another tensor,
     with the float32 scratch whole and in column slices; float64 reference. Input-side plans
-    (``Bᵀ``, no scale) too. ``launches``: one per run, or one for every run where the plan can
-    (not "fma", nor past the scratch budget: those take the per-run launches)."""
-    if precision == "fma" and launches == "per-layer":
-        pytest.skip("fma has no one-launch kernel: the same launches as per-run (test_one_launch_rule)")
-    gen = torch.Generator().manual_seed(seed("channels", layout, precision, str(dtype), launches))
+    (``Bᵀ``, no scale) too."""
+    gen = torch.Generator().manual_seed(seed("channels", layout, precision, str(dtype)))
     for m, nb, b in [(1, 5, 3), (3, 8, 10), (8, 128, 10)]:
         if butterfly.check_butterfly_shape(m, nb, b, layout):
             continue
@@ -364,8 +339,7 @@ def test_triton_apply_channels(layout, precision, dtype, launches):
         for transpose in (False, True):
             scale = None if transpose else s
             plan = fused.FusedButterfly(rot.cuda(), layout, transpose, precision=precision,
-                                        scale=None if scale is None else scale.cuda(),
-                                        tuning=PER_RUN if launches == "per-run" else PER_LAYER)
+                                        scale=None if scale is None else scale.cuda())
             for y, dim in _channels_cases(n, gen):
                 y = y.to(dtype)
                 moved = y.double().movedim(dim, 0)
@@ -401,112 +375,6 @@ def test_triton_apply_channels_declines_what_it_cannot_take():
     assert plan.apply_channels(torch.randn(4, 80, generator=gen), -1) is None  # on the CPU
     assert plan.apply_channels(torch.randn(4, 80, generator=gen).double().cuda(), -1) is None
     assert plan.apply_channels(torch.randn(4, 81, generator=gen).cuda(), -1) is None  # wrong width
-
-
-def _layer_cases(n, gen):
-    """Small activations for the one-launch kernel (odd column counts): (tensor, channel_dim)."""
-    return [(torch.randn(1, 7, n, generator=gen), -1),  # channels last, one matrix
-            (torch.randn(3, 19, n, generator=gen), -1),  # channels last, 57 columns
-            (torch.randn(2, n, 5, 9, generator=gen), 1),  # NCHW: a batch of two matrices
-            (torch.randn(2, n, 3, 5, generator=gen).to(memory_format=torch.channels_last), 1),
-            (torch.randn(n, 3, generator=gen), 0)]  # channels first, one matrix
-
-
-# (m, nb, b, max_block): plans of 1, 2, 3 and 4 runs, blocks of one size or mixed (padded 16, 32)
-LAYER_PLANS = [(3, 8, 10, None), (5, 16, 6, None), (3, 8, 10, 8), (5, 16, 2, 4), (4, 8, 4, 4)]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_one_launch_per_layer_matches_float64(layout, dtype, kernel_device):
-    """``kernel.layer_launch``: every run of a plan in one launch, each program a column tile
-    with all rows through its own float32 scratch. ``S B (y - sub) + add`` (and ``Bᵀ``) on
-    activations of every layout, in place and into another tensor, with and without each vector,
-    against float64; half precision within one ulp (rounded once). Plans of one run go through
-    the kernel too (the chooser gives them the per-run launch). Each plan once (``Bᵀ`` or ``S B``
-    in turn), in place or not in turn: every case compiles a kernel on a GPU, and the
-    interpreter is slow."""
-    gen = torch.Generator().manual_seed(seed("one launch", layout, str(dtype)))
-    vectors = 0
-    for i, (m, nb, b, max_block) in enumerate(LAYER_PLANS):
-        n = nb * b
-        rot = rotations(m, nb, b, gen, torch.float32)
-        for transpose in (bool(i % 2),):
-            scale = None if transpose else 1 + 0.1 * torch.randn(n, generator=gen)
-            plan = fused.FusedButterfly(rot.to(kernel_device), layout, transpose, max_block=max_block,
-                                        scale=None if scale is None else scale.to(kernel_device), tuning=PER_LAYER)
-            for j, (y, dim) in enumerate(_layer_cases(n, gen)):
-                y = y.to(dtype)
-                vectors += 1
-                sub = torch.randn(n, generator=gen).to(dtype) if vectors % 4 in (0, 1) else None
-                add = (sub if vectors % 4 == 0 else torch.randn(n, generator=gen)) if vectors % 4 in (0, 2) else None
-                moved = y.double().movedim(dim, 0)
-                flat = moved.reshape(n, -1) - (0 if sub is None else sub.double()[:, None])
-                want = butterfly.apply_stages(flat, rot.double(), layout, transpose)
-                if scale is not None:
-                    want = scale.double()[:, None] * want
-                want = want + (0 if add is None else add.double()[:, None])
-                want = want.reshape(moved.shape).movedim(0, dim)
-                for into in (bool((i + j) % 2),):
-                    got = y.to(kernel_device, copy=True)
-                    out = torch.empty_like(got) if into else got
-                    vs = [None if v is None else v.to(kernel_device) for v in (sub, add)]
-                    if len(plan.runs) > 1:
-                        assert plan.apply_channels(got, dim, out=out if into else None, sub=vs[0], add=vs[1]) is out
-                        call = next(c for c in plan._calls.values() if c is not None)
-                        assert call.layer is not None and call.steps is None  # the chooser took it
-                        plan._calls.clear()
-                    else:
-                        src, dst = fused._channels_view(got, dim), fused._channels_view(out, dim)
-                        scratch = kernel.layer_scratch(n, src.shape[2], src.shape[0], plan.tuning)
-                        fused._Call(None, scratch, layer=plan._layer_launch(src, dst, *vs))(plan, got, out, *vs)
-                    where = (m, nb, b, max_block, transpose, tuple(y.shape), dim, into, sub is None, add is None)
-                    if dtype == torch.float32:
-                        assert rel(out.cpu(), want) < 1e-5, where
-                    elif dtype == torch.bfloat16 and INTERPRETED:
-                        # the interpreter rounds float32 to bfloat16 toward zero (the GPU to
-                        # nearest): within one ulp, not always the nearest
-                        assert within_one_ulp(out.cpu(), want, nearest=False), where
-                    else:
-                        assert within_one_ulp(out.cpu(), want), where
-                    if into:
-                        assert torch.equal(got.cpu(), y)  # the input is left alone
-
-
-def test_one_launch_rule():
-    """When activations take one launch for every run (``KernelTuning.one_launch``)."""
-    tuning = dataclasses.replace(kernel.DEFAULT_TUNING, layer_programs=64)
-    assert tuning.one_launch("tf32x3", 3, 64, 64)
-    assert not tuning.one_launch("tf32x3", 3, 64, 63)  # too few column tiles x matrices
-    assert not tuning.one_launch("tf32x3", 1, 64, 500)  # one run: one launch either way
-    assert not tuning.one_launch("fma", 3, 64, 500)  # no tl.dot: per run
-    assert not tuning.one_launch("tf32x3", 3, 128, 500)  # blocks past LAYER_MAX_D
-    assert not PER_RUN.one_launch("tf32x3", 3, 64, 10**6)
-    assert PER_LAYER.one_launch("ieee", 2, 16, 1)
-
-
-@needs_triton
-def test_self_test_covers_every_launch(monkeypatch):
-    """The kernel's self-test passes, and it runs the one-launch kernel (JIT and direct calls)."""
-    seen = []
-    layer = fused.FusedButterfly._layer_launch
-    monkeypatch.setattr(fused.FusedButterfly, "_layer_launch", lambda *a: seen.append(a) or layer(*a))
-    assert fused._self_test(torch.device("cuda"))
-    assert seen
-
-
-def test_one_launch_past_the_scratch_budget_takes_per_run_slices(kernel_device):
-    """A call whose one-launch scratch would pass ``scratch_elems`` takes the per-run launches
-    (column slices of a float32 scratch) and still equals float64."""
-    gen = torch.Generator().manual_seed(seed("budget"))
-    rot = rotations(3, 8, 10, gen, torch.float32)
-    plan = fused.FusedButterfly(rot.to(kernel_device), butterfly.INTERLEAVED, max_block=8, tuning=PER_LAYER)
-    y = torch.randn(2, 300, 80, generator=gen).half()
-    want = butterfly.apply_stages(y.double().reshape(-1, 80).t(), rot.double(), butterfly.INTERLEAVED)
-    got = plan.apply_channels(y.to(kernel_device, copy=True), -1, scratch_elems=80 * 128)
-    call = next(iter(plan._calls.values()))
-    assert call.layer is None
-    assert within_one_ulp(got.cpu(), want.t().reshape(y.shape))
 
 
 @needs_triton
@@ -552,3 +420,47 @@ def test_bypass_kernel_equals_the_merged_layer(kind, dtype, monkeypatch):
                 tol = 1e-5 if dtype == torch.float32 else (4e-3 if dtype == torch.float16 else 3e-2)
                 assert rel(got.cpu(), ref) < tol, (mode, strength, conv)
                 assert rel(got.cpu(), want) < (1e-5 if dtype == torch.float32 else 5e-2)
+
+
+def test_launch_hooks_only_when_something_listens():
+    """The launcher hands Triton's launch hooks to a launch only when one is set: None and an empty
+    ``HookChain`` (Triton 3.6's default) cost nothing per launch."""
+    from boft_core import triton_launcher
+
+    assert not triton_launcher._hooked(None)
+    assert triton_launcher._hooked(lambda *a: None)  # an older Triton's plain callable
+    if fused.triton is not None:
+        from triton import knobs
+
+        chain = type(knobs.runtime.launch_enter_hook)()
+        if hasattr(chain, "calls"):
+            assert not triton_launcher._hooked(chain)
+            chain.add(print)
+            assert triton_launcher._hooked(chain)
+
+
+@needs_triton
+def test_triton_with_a_launch_hook_installed():
+    """With a launch hook set (a profiler's), the direct launches call it and still compute
+    ``B @ x``; without, they skip it (float64 reference)."""
+    from triton import knobs
+
+    gen = torch.Generator().manual_seed(seed("launch hook"))
+    rot = rotations(4, 16, 10, gen, torch.float32)
+    plan = fused.FusedButterfly(rot.cuda(), butterfly.INTERLEAVED)
+    x = torch.randn(160, 96, generator=gen)
+    want = butterfly.apply_stages(x.double(), rot.double(), butterfly.INTERLEAVED)
+    seen = []
+    hook = seen.append
+    for listening in (False, True, False):
+        if listening and hasattr(knobs.runtime.launch_enter_hook, "add"):
+            knobs.runtime.launch_enter_hook.add(hook)
+        try:
+            for _ in range(2):  # the JIT launch (first use), then the direct one
+                got = plan.apply_triton_(x.cuda()).cpu()
+                assert rel(got, want) < 1e-5
+        finally:
+            if listening and hasattr(knobs.runtime.launch_enter_hook, "remove"):
+                knobs.runtime.launch_enter_hook.remove(hook)
+        assert len(seen) == (2 * len(plan.runs) if listening else 0)  # compiled in the first pass: direct
+        seen.clear()
