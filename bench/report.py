@@ -210,6 +210,55 @@ def bypass_kernel(load) -> str:
 
 
 @generated
+def bypass_session11(load) -> str:
+    """Session 11: the final launcher (empty hook chain skipped, C launcher called directly) against
+    every launch through the hooked path (as before), same lease."""
+    rows = []
+    for dtype in ("fp16", "bf16"):
+        r = load(f"h200_bypass_sdxl_{dtype}_session11.json")
+        plain = min(r["plain_ms"], r["plain_ms_after"])
+        host = sum(x["count"] * x["host_us"] for x in r["sweep"]) / 1e3
+        hooked = sum(x["count"] * x["host_us_hooked"] for x in r["sweep"]) / 1e3
+        rows.append([r["dtype"], f"{plain:.1f} ms", f"{r['plain_gpu_ms']:.1f} ms", f"{r['hook_only_ms']:.1f} ms",
+                     f"{r['bypass_ms']:.1f} ms ({100 * (r['bypass_ms'] / plain - 1):+.0f} %)",
+                     f"{r['bypass_hooked_ms']:.1f} ms", f"{r['bypass_gpu_ms']:.1f} ms",
+                     f"{host:.1f} ms ({hooked:.1f} ms)"])
+    return table(["dtype", "plain forward", "its GPU time", "host hook, no-op adapter", "bypass forward",
+                  "bypass, launches hooked (as before)", "its GPU time",
+                  "apply_channels host time, summed (hooked)"], rows)
+
+
+@generated
+def bypass_launches(load) -> str:
+    """Session 11: one launch per run against one launch per layer, same lease, same adapters."""
+    rows = []
+    for dtype in ("fp16", "bf16"):
+        r = load(f"h200_bypass_sdxl_{dtype}_session11a.json")
+        plain = min(r["plain_ms"], r["plain_ms_after"])
+        for name, label in (("per-run", "one per run"), ("per-layer", "one per layer")):
+            wall = r[f"bypass_{name}_ms"]
+            rows.append([label, r["dtype"], f"{plain:.1f} ms", f"{r['hook_only_ms']:.1f} ms",
+                         f"{wall:.1f} ms ({100 * (wall / plain - 1):+.0f} %)", f"{r[f'bypass_{name}_gpu_ms']:.1f} ms"])
+    return table(["launches", "dtype", "plain forward", "host hook, no-op adapter", "bypass forward",
+                  "its GPU time"], rows)
+
+
+@generated
+def bypass_shapes(load) -> str:
+    """Session 11: per SDXL call shape, GPU and host time of one apply_channels call (fp16)."""
+    rows = []
+    for x in load("h200_bypass_sdxl_fp16_session11a.json")["sweep"]:
+        us, host = x["us"], x["host_us"]
+        layer = " / ".join(f"{us[k]:.0f}" if k in us else "–"
+                           for k in ("per-layer-16", "per-layer-16-s3", "per-layer-64"))
+        rows.append([x["n"], x["runs"], f"{x['batch']} x {x['cols']}", "NCHW" if x["channel_dim"] == 1 else "last",
+                     x["count"], f"{us['per-run']:.0f}", layer, f"{host['per-run']:.0f}",
+                     f"{host['per-layer-16']:.0f}"])
+    return table(["channels n", "runs", "matrices x columns", "channels", "calls", "GPU us, per run",
+                  "GPU us, per layer (BN 16 / 16 pipelined / 64)", "host us, per run", "host us, per layer"], rows)
+
+
+@generated
 def merge_session10(load) -> str:
     r = load("h200_b2b_028_session10.json")
     core = b2b(r, "core")
