@@ -322,6 +322,27 @@ def test_block_weights_equal_a_checkpoint_merged_per_block(server, sd15, loras):
     assert "12 values. For SD1.x/SD2.x models it accepts" in message and "17 or 26" in message, message
 
 
+# The front end's startup registers node types and loads its own workflow after our extension is
+# registered: a graph loaded before that has unknown nodes or is replaced (an empty prompt, seen on
+# a busy 2-core machine). So load once every type is registered, and take the prompt only when the
+# graph still holds exactly the workflow's nodes a second later; else load again.
+LOAD_AND_PROMPT = """async (wf) => {
+    const sleep = (ms) => new Promise((done) => setTimeout(done, ms));
+    const ids = (nodes) => JSON.stringify(nodes.map((n) => `${n.id}:${n.type}`).sort());
+    const want = ids(wf.nodes);
+    for (let attempt = 0; attempt < 60; attempt++) {
+        if (wf.nodes.every((n) => LiteGraph.registered_node_types[n.type])) {
+            await app.loadGraphData(wf);
+            await sleep(1000);
+            if (ids(app.graph.nodes) === want) return (await app.graphToPrompt()).output;
+        } else {
+            await sleep(1000);
+        }
+    }
+    throw new Error(`the front end did not keep the workflow's nodes: ${ids(app.graph.nodes)}`);
+}"""
+
+
 def front_end_prompt(server, workflow: dict) -> dict:
     """The API prompt the real front end (headless Chromium) queues for a UI-format ``workflow``,
     without the front end's ``_meta`` titles."""
@@ -337,8 +358,7 @@ def front_end_prompt(server, workflow: dict) -> dict:
             page.goto(server.url)
             page.wait_for_function("() => window.app?.graph && app.extensions?.some((e) => e.name.startsWith("
                                    "'comfyui-boft'))", timeout=90_000)
-            prompt = page.evaluate("async (wf) => { await app.loadGraphData(wf); "
-                                   "return (await app.graphToPrompt()).output; }", workflow)
+            prompt = page.evaluate(LOAD_AND_PROMPT, workflow)
         finally:
             browser.close()
     return {node_id: {k: v for k, v in node.items() if k != "_meta"} for node_id, node in prompt.items()}
