@@ -21,7 +21,6 @@ asserted. Results in bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -116,10 +115,7 @@ def main(argv=None) -> dict:
            "seconds": times, "median": {k: statistics.median(v) for k, v in times.items()},
            "worst_relative_difference": worst}
     res["ratio"] = res["median"]["core"] / res["median"]["ours"]
-    print(json.dumps(res, indent=1))
-    if args.json:
-        harness.write_json(args.json, res)
-    return res
+    return harness.finish(res, args.json)
 
 
 if __name__ == "__main__":

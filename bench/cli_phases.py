@@ -20,7 +20,6 @@ Not a test: speed is never asserted. Results in bench/RESULTS.md (the CLI sectio
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -113,10 +112,7 @@ def main(argv=None) -> dict:
            "layers": len(pairs), "elements": sum(w.numel() for _, w in pairs),
            "blocks": sum(q.shape[0] * q.shape[1] for q in qs), "runs": args.runs,
            "ms": {k: round(v, 1) for k, v in ms.items()}}
-    print(json.dumps(res, indent=1))
-    if args.json:
-        harness.write_json(args.json, res)
-    return res
+    return harness.finish(res, args.json)
 
 
 if __name__ == "__main__":

@@ -357,6 +357,14 @@ def write_json(path: str, result: dict) -> None:
         json.dump(result, f, indent=1, default=str)
 
 
+def finish(result: dict, path: str | None) -> dict:
+    """A measurement's end: ``result`` printed as JSON, and written to ``path`` if one is given."""
+    print(json.dumps(result, indent=1, default=str))
+    if path:
+        write_json(path, result)
+    return result
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
     """The flags of every measurement on the SDXL/Flux set (bench.py and the files beside it)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0],

@@ -280,14 +280,19 @@ CLI_RUNS = {"quiet": "quiet",
             "load_threads2": "two busy loops on the same 2 cores, `--threads 2`"}
 
 
+def cli_rows(load, runs: dict, digits: int) -> list:
+    """A row per ``h200host_cli_merge_2core_{run}.json`` of ``runs``: its label, ours, core, core/ours."""
+    rows = []
+    for run, label in runs.items():
+        median = load(f"h200host_cli_merge_2core_{run}.json")["median"]
+        rows.append([label, f"{median['ours']:.{digits}f}", f"{median['core']:.{digits}f}",
+                     f"{median['core'] / median['ours']:.2f}x"])
+    return rows
+
+
 @generated
 def cli_merge(load) -> str:
-    rows = []
-    for run, label in CLI_RUNS.items():
-        r = load(f"h200host_cli_merge_2core_{run}.json")
-        rows.append([label, f"{r['median']['ours']:.2f}", f"{r['median']['core']:.2f}",
-                     f"{r['median']['core'] / r['median']['ours']:.2f}x"])
-    return table(["2 cores of a Xeon", "ours (s)", "core (s)", "core/ours"], rows)
+    return table(["2 cores of a Xeon", "ours (s)", "core (s)", "core/ours"], cli_rows(load, CLI_RUNS, 2))
 
 
 CLI_SESSION11 = {"quiet_session11_1": "lease A: this code, first median of 5",
@@ -300,12 +305,8 @@ CLI_SESSION11 = {"quiet_session11_1": "lease A: this code, first median of 5",
 
 @generated
 def cli_merge_session11(load) -> str:
-    rows = []
-    for run, label in CLI_SESSION11.items():
-        r = load(f"h200host_cli_merge_2core_{run}.json")
-        rows.append([label, f"{r['median']['ours']:.3f}", f"{r['median']['core']:.3f}",
-                     f"{r['median']['core'] / r['median']['ours']:.2f}x"])
-    return table(["2 cores of the Xeon, ComfyUI 0.3.75", "ours (s)", "core (s)", "core/ours"], rows)
+    return table(["2 cores of the Xeon, ComfyUI 0.3.75", "ours (s)", "core (s)", "core/ours"],
+                 cli_rows(load, CLI_SESSION11, 3))
 
 
 PHASES = {"read": "read the adapter (checked), map the base", "match_check": "match names, check_merge",

@@ -26,6 +26,7 @@ The rest of the orthogonal family (doc §6): one stage of contiguous blocks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -450,25 +451,21 @@ def write_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[st
             write_at(fd, tensors[key], offset)
 
 
-class replacing:
+@contextlib.contextmanager
+def replacing(path: str):
     """``with replacing(path) as fd``: a new file beside ``path``, open for writing, renamed over
     ``path`` when the block ends without an error and removed when it does not."""
-
-    def __init__(self, path: str):
-        self.path, self.tmp = path, f"{path}.{os.getpid()}.tmp"
-
-    def __enter__(self) -> int:
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        return self.fd
-
-    def __exit__(self, kind, value, trace) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
         try:
-            os.close(self.fd)
-            if kind is None:
-                os.replace(self.tmp, self.path)
+            yield fd
         finally:
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
